@@ -1,0 +1,91 @@
+"""Putting adapters on a model's linear layers, and reading or writing their weights."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fedlrm.adapters.layers import AdaptedLinear, adapted_layers
+from fedlrm.errors import ModelError
+
+BLOCK_INDEX = re.compile(r"(?:layers|resblocks|blocks|layer|h)\.(\d+)\.")
+
+
+def inject_adapters(
+    root: nn.Module,
+    target_modules: list[str],
+    make: Callable[[nn.Linear], AdaptedLinear],
+    target_layers: list[int] | None = None,
+) -> list[str]:
+    """Replace every `nn.Linear` under `root` whose name ends with a target by `make(linear)`.
+
+    `target_layers` restricts this to blocks with those indices. Returns the adapted
+    module names (relative to `root`), in model order.
+    """
+    linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear) and n]
+    chosen = []
+    for name, module in linears:
+        if name.rsplit(".", 1)[-1] not in target_modules:
+            continue
+        if target_layers:
+            found = BLOCK_INDEX.search(name + ".")
+            if found is None or int(found.group(1)) not in target_layers:
+                continue
+        chosen.append((name, module))
+    if not chosen:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        raise ModelError(
+            f"no linear layer of the image encoder matches model.target_modules={list(target_modules)}"
+            + (f" in blocks {list(target_layers)}" if target_layers else "")
+            + f"; its linear layers end with: {', '.join(suffixes) or '(none)'}"
+        )
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, make(module))
+    return [name for name, _ in chosen]
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """All adapter parameters (experts and gates) by their name in `model`."""
+    params = {}
+    for layer_name, layer in adapted_layers(model):
+        for pname, p in layer.named_parameters():
+            if not pname.startswith("base."):
+                params[f"{layer_name}.{pname}"] = p
+    return params
+
+
+def get_state(model: nn.Module, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of adapter weights (all of them, or the given keys)."""
+    params = adapter_parameters(model)
+    keys = list(params) if keys is None else keys
+    return {k: params[k].detach().clone() for k in keys}
+
+
+def set_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy weights into adapter parameters; unknown keys or shapes are an error."""
+    params = adapter_parameters(model)
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise KeyError(f"adapter state has keys this model does not: {unknown[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if params[k].shape != v.shape:
+                raise ValueError(f"adapter weight {k} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
+            params[k].copy_(v)
+
+
+def reset_adapters(model: nn.Module, seed: int) -> None:
+    """Re-initialise every adapter from a seed (same seed, same weights)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _, layer in adapted_layers(model):
+        layer.reset_parameters(generator)
+
+
+def adapted_weight_count(model: nn.Module) -> int:
+    """Parameters that full fine-tuning of the adapted matrices would train (weights only)."""
+    return sum(layer.base.weight.numel() for _, layer in adapted_layers(model))

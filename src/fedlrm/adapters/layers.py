@@ -1,0 +1,156 @@
+"""LoRA experts and the layer that carries them beside a frozen `nn.Linear`.
+
+    y = W x + sum_e  w_e(x) * gamma_e * B_e A_e x
+
+One expert with weight 1 is plain LoRA (paper eq. 5). Two experts mixed by a learned
+gate are FedLRM (eq. 10); mixed with fixed weights they are APFL.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class LoRAExpert(nn.Module):
+    """Low-rank update B A (A: rank x d_in, B: d_out x rank), scaled by alpha / rank."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        self.A = nn.Parameter(torch.empty(rank, d_in))
+        self.B = nn.Parameter(torch.empty(d_out, rank))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # Kaiming-uniform A (as nn.Linear and peft do) and zero B: training starts from the
+        # frozen model's function.
+        bound = 1.0 / math.sqrt(self.A.shape[1])  # kaiming_uniform_ with a=sqrt(5)
+        with torch.no_grad():
+            self.A.uniform_(-bound, bound, generator=generator)
+            self.B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x) @ self.A.t()) @ self.B.t() * self.scaling
+
+
+class Mixer(nn.Module):
+    """Per-expert weights for an input: shape (..., n_experts), broadcastable over x."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        pass
+
+
+class FixedMix(Mixer):
+    """Constant weights (APFL's 0.5 / 0.5)."""
+
+    def __init__(self, weights: list[float]):
+        super().__init__()
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+
+    def forward(self, x):
+        return self.weights.to(x.dtype)
+
+
+class SoftmaxGate(Mixer):
+    """FedLRM's gate: one bias-free Linear(d_in, n_experts), softmax over experts.
+
+    granularity `sample` gates on the mean over tokens of the layer input, so every token
+    of an image gets the same weights; `token` gates each token on its own.
+    """
+
+    def __init__(self, d_in: int, n_experts: int, granularity: str = "sample"):
+        super().__init__()
+        if granularity not in ("sample", "token"):
+            raise ValueError(f"gate granularity must be 'sample' or 'token', got {granularity!r}")
+        self.granularity = granularity
+        self.proj = nn.Linear(d_in, n_experts, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # Zero weights start the mixture at an even split; the gate learns to depart from it.
+        with torch.no_grad():
+            self.proj.weight.zero_()
+
+    def forward(self, x):
+        if self.granularity == "sample" and x.dim() >= 3:
+            return torch.softmax(self.proj(x.mean(dim=-2, keepdim=True)), dim=-1)
+        return torch.softmax(self.proj(x), dim=-1)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen `nn.Linear` plus named LoRA experts and, for more than one, a mixer."""
+
+    def __init__(self, base: nn.Linear, experts: dict[str, LoRAExpert], mixer: Mixer | None = None):
+        super().__init__()
+        if len(experts) > 1 and mixer is None:
+            raise ValueError("several experts need a mixer")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.experts = nn.ModuleDict(experts)
+        self.mixer = mixer
+        self.only: str | None = None  # set by `only_expert` to evaluate one expert alone
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some backbones read .weight of their projections
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.only is not None:
+            return y + self.experts[self.only](x)
+        if len(self.experts) == 1:
+            return y + next(iter(self.experts.values()))(x)
+        if not self.experts:
+            return y
+        weights = self.mixer(x)
+        for i, expert in enumerate(self.experts.values()):
+            y = y + weights[..., i : i + 1] * expert(x)
+        return y
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for expert in self.experts.values():
+            expert.reset_parameters(generator)
+        if self.mixer is not None:
+            self.mixer.reset_parameters(generator)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+@contextmanager
+def only_expert(model: nn.Module, name: str):
+    """Evaluate with one expert alone in every adapted layer (e.g. the global model)."""
+    layers = [m for _, m in adapted_layers(model)]
+    for m in layers:
+        m.only = name
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.only = None

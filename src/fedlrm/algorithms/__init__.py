@@ -1,0 +1,20 @@
+"""Federated algorithms, one module each, all behind `fedlrm.algorithms.base.Algorithm`."""
+
+from fedlrm.algorithms.apfl import APFL
+from fedlrm.algorithms.base import Algorithm, State, Upload, weighted_mean
+from fedlrm.algorithms.fedavg import FedAvg
+from fedlrm.algorithms.fedlrm import FedLRM
+from fedlrm.algorithms.fedprox import FedProx
+from fedlrm.algorithms.local import Local
+from fedlrm.algorithms.zeroshot import ZeroShot
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (ZeroShot, Local, FedAvg, FedProx, APFL, FedLRM)
+}
+
+
+def get_algorithm(cfg) -> Algorithm:
+    return ALGORITHMS[cfg.algorithm](cfg)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "State", "Upload", "get_algorithm", "weighted_mean"]

@@ -1,0 +1,11 @@
+"""Zero-shot CLIP: the frozen model and the class prompts, nothing trained or sent."""
+
+from fedlrm.algorithms.base import Algorithm
+
+
+class ZeroShot(Algorithm):
+    name = "zeroshot"
+    trains = False
+
+    def make_layer(self, linear):
+        return None

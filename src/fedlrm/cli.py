@@ -1,0 +1,121 @@
+"""The `fedlrm` command: run, compare, params, pretrain, config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from fedlrm.errors import FedLRMError
+
+DEFAULT_COMPARE = "zeroshot,local,fedavg,fedprox,apfl,fedlrm"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FedLRMError as err:
+        print(f"fedlrm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlrm: interrupted; a run can be continued with `fedlrm run --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlrm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one algorithm (built-in default without --config)")
+    _config_args(run)
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.set_defaults(func=cmd_run)
+
+    cmp = sub.add_parser("compare", help="run several algorithms on the identical split and seed")
+    _config_args(cmp)
+    cmp.add_argument("--algorithms", default=DEFAULT_COMPARE, help=f"comma-separated (default {DEFAULT_COMPARE})")
+    cmp.set_defaults(func=cmd_compare)
+
+    params = sub.add_parser("params", help="count trainable, uploaded and full-fine-tuning parameters")
+    _config_args(params)
+    params.add_argument("--layers", type=int, help="synthetic model: number of blocks (paper Table 1: 12)")
+    params.add_argument("--dim", type=int, default=256, help="synthetic model: width of the adapted matrix")
+    params.add_argument("--global-rank", type=int, nargs="+", help="global LoRA rank(s) (default adapter.rank)")
+    params.add_argument("--local-rank", type=int, help="local expert rank (default adapter.local_rank)")
+    params.add_argument("--algorithm", help="count for this algorithm only (default: every algorithm)")
+    params.set_defaults(func=cmd_params)
+
+    from fedlrm import pretrain
+
+    pre = sub.add_parser("pretrain", help="pretrain the built-in tiny CLIP on offline CIFAR-10")
+    pretrain.add_arguments(pre)
+    pre.set_defaults(func=lambda a: (pretrain.run(a), 0)[1])
+
+    show = sub.add_parser("config", help="print the resolved configuration")
+    _config_args(show)
+    show.set_defaults(func=cmd_config)
+    return parser
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (default: the built-in default)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. algorithm=fedavg train.rounds=5")
+
+
+def cmd_run(args) -> int:
+    from fedlrm.config import load_config
+    from fedlrm.experiment import resume_experiment, run_experiment
+    from fedlrm.reporting import print_table
+
+    start = time.perf_counter()
+    if args.resume:
+        if args.config or args.overrides:
+            raise FedLRMError("--resume takes the run directory's own config; drop --config and overrides")
+        result = resume_experiment(args.resume, progress=not args.no_progress)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        result = run_experiment(cfg, progress=not args.no_progress)
+    summary = {"method": result.summary["algorithm"], **result.summary}
+    print_table([summary], f"{summary['method']}: final round")
+    print(f"run directory: {result.run_dir}  ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fedlrm.config import load_config
+    from fedlrm.experiment import compare
+
+    start = time.perf_counter()
+    cfg = load_config(args.config, args.overrides)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    out, _ = compare(cfg, algorithms, progress=not args.no_progress)
+    print(f"results: {out / 'compare.md'}, {out / 'compare.png'}  (wall time {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_params(args) -> int:
+    from fedlrm.config import load_config
+    from fedlrm.params import count_parameters, print_counts
+
+    cfg = load_config(args.config, args.overrides)
+    ranks = args.global_rank or [cfg.adapter.rank]
+    local_rank = args.local_rank or cfg.adapter.local_rank
+    rows = count_parameters(cfg, ranks, local_rank, args.algorithm, args.layers, args.dim)
+    title = (f"synthetic: {args.layers} layers, one {args.dim}x{args.dim} matrix each, local rank {local_rank}"
+             if args.layers else f"{cfg.model.backend}:{cfg.model.name}, targets {cfg.model.target_modules}")
+    print_counts(rows, title)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from fedlrm.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

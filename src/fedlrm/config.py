@@ -1,0 +1,190 @@
+"""Run configuration: a typed schema, YAML files and `key=value` overrides.
+
+The schema is the single list of valid keys; an unknown key or a value of the wrong
+type is an error that names the key, not a silently ignored typo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedlrm.errors import ConfigError
+
+ASSETS = Path(str(resources.files("fedlrm") / "assets"))
+BUILTIN_MODEL = "builtin:tiny-clip"
+BUILTIN_DATASET_DIR = ASSETS / "cifar10-subset"
+
+
+@dataclass
+class ModelConfig:
+    # `hf`: transformers CLIPModel (hub id or local directory); `open_clip`: open_clip model name.
+    backend: str = "hf"
+    name: str = BUILTIN_MODEL
+    # open_clip only: the pretrained tag or a local checkpoint file.
+    pretrained: Optional[str] = None
+    prompt: str = "a photo of a {}."
+    # Suffixes of image-encoder linear layers that carry adapters (q and v projections).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Only blocks with these indices are adapted; empty means every block.
+    target_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 16  # the (global) LoRA rank
+    alpha: float = 32.0  # scaling of an expert is alpha / its rank
+    dropout: float = 0.0
+    local_rank: int = 4  # the personal expert's rank (fedlrm, apfl); the paper fixes 4
+    gate: str = "sample"  # fedlrm gate granularity: `sample` (one weight pair per image) or `token`
+    apfl_mix: float = 0.5  # apfl's fixed weight of the global LoRA
+
+
+@dataclass
+class DataConfig:
+    # builtin (the shipped CIFAR-10 subset) | parquet | hub | imagefolder | torchvision
+    source: str = "builtin"
+    train: Optional[str] = None  # parquet file, hub dataset id, image folder, torchvision name
+    test: Optional[str] = None  # parquet file or image folder of the test split
+    name: Optional[str] = None  # hub config name, or torchvision dataset (cifar10, caltech101)
+    root: str = "~/.cache/fedlrm/torchvision"  # torchvision download directory
+    image_column: str = "image"
+    label_column: str = "label"
+    exclude_classes: list[str] = field(default_factory=list)
+    num_clients: int = 10
+    partition: str = "shard"  # shard | dirichlet | classes
+    shards_per_client: int = 2
+    dirichlet_alpha: float = 0.5
+    classes_per_client: int = 2
+    shots: int = 16  # images per class per client; 0 keeps the whole partition
+    test_per_client: Optional[int] = 200  # None: as many as the test split allows
+    global_test_size: Optional[int] = None  # None: the whole test split
+    augment: bool = False
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 20
+    local_epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine (over the whole run) | constant
+    client_fraction: float = 1.0
+    prox_mu: float = 0.01  # fedprox
+    eval_every: int = 1
+    eval_batch_size: int = 256
+    threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, mps
+    precision: str = "fp32"  # fp32 | bf16 (autocast for forward passes)
+
+
+@dataclass
+class RunConfig:
+    algorithm: str = "fedlrm"
+    seed: int = 0
+    output_dir: str = "runs"
+    name: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "model.backend": ("hf", "open_clip"),
+    "adapter.gate": ("sample", "token"),
+    "data.source": ("builtin", "parquet", "hub", "imagefolder", "torchvision"),
+    "data.partition": ("shard", "dirichlet", "classes"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.schedule": ("cosine", "constant"),
+    "train.precision": ("fp32", "bf16"),
+}
+POSITIVE = ("adapter.rank", "adapter.local_rank", "data.num_clients", "train.rounds",
+            "train.local_epochs", "train.batch_size", "train.eval_every", "train.eval_batch_size")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The built-in defaults, updated by a YAML file, then by `dotted.key=value` overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    sources: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            sources.append((str(path), OmegaConf.load(path)))
+        except Exception as err:  # yaml errors come in many types
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.rounds=5)")
+        sources.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+    for origin, src in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, src)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or ""
+            raise ConfigError(f"{origin}: {_explain(err, key)}") from None
+    run = OmegaConf.to_object(cfg)
+    validate(run)
+    return run
+
+
+def _explain(err: OmegaConfBaseException, key: str) -> str:
+    text = str(err).splitlines()[0]
+    if "not in struct" in text or "Key '" in text and "not" in text:
+        return (f"unknown config key {key!r}. Valid keys are listed by `fedlrm config` "
+                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*)")
+    return f"bad value for {key!r}: {text}"
+
+
+def validate(cfg: RunConfig) -> None:
+    from fedlrm.algorithms import ALGORITHMS
+
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {cfg.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    for dotted, allowed in CHOICES.items():
+        value = get(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    for dotted in POSITIVE:
+        if get(cfg, dotted) < 1:
+            raise ConfigError(f"{dotted} must be at least 1, got {get(cfg, dotted)}")
+    if not 0 < cfg.train.client_fraction <= 1:
+        raise ConfigError(f"train.client_fraction must be in (0, 1], got {cfg.train.client_fraction}")
+    if not 0 <= cfg.adapter.dropout < 1:
+        raise ConfigError(f"adapter.dropout must be in [0, 1), got {cfg.adapter.dropout}")
+    if not 0 <= cfg.adapter.apfl_mix <= 1:
+        raise ConfigError(f"adapter.apfl_mix must be in [0, 1], got {cfg.adapter.apfl_mix}")
+    if cfg.data.shots < 0:
+        raise ConfigError(f"data.shots must be 0 (whole partition) or more, got {cfg.data.shots}")
+    if "{}" not in cfg.model.prompt:
+        raise ConfigError(f"model.prompt {cfg.model.prompt!r} needs a '{{}}' where the class name goes")
+
+
+def get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict) -> RunConfig:
+    run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
+    validate(run)
+    return run

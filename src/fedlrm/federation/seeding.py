@@ -1,0 +1,21 @@
+"""Seeds derived from the run seed, so any round of any client can be replayed on its own."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients taking part in a round: at least one, chosen by a per-round seed."""
+    if fraction >= 1.0:
+        return list(range(num_clients))
+    count = max(1, int(round(fraction * num_clients)))
+    rng = np.random.default_rng(derive_seed(seed, "sample", round_index))
+    return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))

@@ -1,0 +1,155 @@
+"""The work of one client and of the server in a round, shared by every runtime.
+
+Nothing here knows which algorithm runs: it builds the model the algorithm asks for,
+trains with the algorithm's loss, and moves the state the algorithm names.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlrm.adapters import adapter_parameters, get_state, inject_adapters, set_state
+from fedlrm.algorithms import Algorithm, State
+from fedlrm.config import RunConfig, TrainConfig
+from fedlrm.federation.seeding import derive_seed
+from fedlrm.federation.wire import decode, encode
+from fedlrm.models import Backbone, ClipClassifier
+
+
+@dataclass
+class ModelBundle:
+    """A client-side model with the names of its shared and private adapter weights."""
+
+    model: ClipClassifier
+    shared_keys: list[str]
+    private_keys: list[str]
+    adapted_modules: list[str] = field(default_factory=list)
+
+
+def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algorithm: Algorithm) -> ModelBundle:
+    """The classifier with the algorithm's adapters on the configured image-encoder layers."""
+    model = ClipClassifier(backbone, class_names, cfg.model.prompt)
+    adapted: list[str] = []
+    if algorithm.trains:
+        adapted = inject_adapters(model.image_encoder, cfg.model.target_modules, algorithm.make_layer,
+                                  cfg.model.target_layers)
+    keys = list(adapter_parameters(model))
+    shared = [k for k in keys if algorithm.is_shared(k)]
+    private = [k for k in keys if not algorithm.is_shared(k)]
+    return ModelBundle(model, shared, private, adapted)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def lr_at(cfg: TrainConfig, progress: float) -> float:
+    """Learning rate at a fraction `progress` of the whole run (cosine decays to zero)."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return cfg.lr
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    examples: int
+    steps: int
+    seconds: float
+
+
+def train_locally(model: nn.Module, algorithm: Algorithm, train_set, received: State, cfg: RunConfig,
+                  round_index: int, client_id: int) -> TrainStats:
+    """Local epochs of one client in one round. Every random number comes from seeds
+    derived from (run seed, round, client), so a resumed run replays a round exactly."""
+    t = cfg.train
+    seed = derive_seed(cfg.seed, "train", round_index, client_id)
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in adapter_parameters(model).values() if p.requires_grad]
+    optimizer = make_optimizer(params, t)
+    steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
+    total_steps = t.rounds * t.local_epochs * steps_per_epoch
+    step = (round_index - 1) * t.local_epochs * steps_per_epoch
+    device = next(model.buffers()).device
+    model.train()
+    start, loss_sum, seen = time.perf_counter(), 0.0, 0
+    for _ in range(t.local_epochs):
+        for images, labels in train_set.batches(t.batch_size, shuffle=True, generator=generator,
+                                                augment=cfg.data.augment):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(t, step / total_steps)
+            images, labels = images.to(device), labels.to(device)
+            with autocast(t, device):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            extra = algorithm.regularizer(model, received)
+            total = loss if extra is None else loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
+            step += 1
+    model.eval()
+    return TrainStats(loss_sum / max(seen, 1), seen, step, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, image_set, batch_size: int = 256, cfg: TrainConfig | None = None) -> dict:
+    """Accuracy and mean cross-entropy over an image set (logits over all classes)."""
+    model.eval()
+    device = next(model.buffers()).device
+    correct, loss_sum, n = 0, 0.0, 0
+    for images, labels in image_set.batches(batch_size):
+        images, labels = images.to(device), labels.to(device)
+        with autocast(cfg or TrainConfig(), device):
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+        n += len(labels)
+    return {"accuracy": correct / n if n else float("nan"), "loss": loss_sum / n if n else float("nan"),
+            "correct": correct, "examples": n}
+
+
+@dataclass
+class ClientResult:
+    upload: bytes  # what the client sends back: the serialised upload
+    private: State  # what stays on the client for the next round
+    stats: TrainStats
+
+
+def client_round(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, train_set, private: State,
+                 message: bytes, round_index: int, client_id: int) -> ClientResult:
+    """One client's round: receive the server's bytes, train, answer with bytes."""
+    received = decode(message)
+    set_state(bundle.model, private)
+    algorithm.receive(bundle.model, received)
+    stats = train_locally(bundle.model, algorithm, train_set, received, cfg, round_index, client_id)
+    upload = encode(algorithm.upload(bundle.model, bundle.shared_keys))
+    return ClientResult(upload, get_state(bundle.model, bundle.private_keys), stats)
+
+
+def personalize(bundle: ModelBundle, algorithm: Algorithm, private: State, global_state: State) -> nn.Module:
+    """The model a client evaluates with: its private weights plus the current server state."""
+    set_state(bundle.model, private)
+    algorithm.receive(bundle.model, global_state)
+    return bundle.model

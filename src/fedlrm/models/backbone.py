@@ -1,0 +1,179 @@
+"""CLIP-style backbones behind one interface.
+
+A backbone gives (1) normalised image features from an image encoder whose linear
+layers can carry adapters, (2) normalised text features of prompts from a frozen text
+encoder, (3) the logit scale and (4) the model's own image preprocessing. Backends:
+Hugging Face `transformers` CLIP (hub id or local directory, including the project's
+built-in tiny CLIP) and `open_clip`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from fedlrm.config import ASSETS, BUILTIN_MODEL, ModelConfig
+from fedlrm.errors import ModelError
+
+
+class Backbone(nn.Module):
+    """The frozen CLIP parts a classifier needs. Subclasses fill in the backend."""
+
+    #: the module whose linear layers are searched for adapter targets
+    image_encoder: nn.Module
+    logit_scale: torch.Tensor
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def freeze(self) -> "Backbone":
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.eval()
+
+
+class HFClipBackbone(Backbone):
+    """`transformers.CLIPModel`: ViT image tower, text tower and projections."""
+
+    def __init__(self, model, tokenizer, image_processor):
+        super().__init__()
+        self.image_encoder = model.vision_model
+        self.visual_projection = model.visual_projection
+        # The text tower is used once per class set; keep it out of the module tree so it
+        # is neither adapted nor saved with client state.
+        self._text = (model.text_model, model.text_projection)
+        self._tokenizer = tokenizer
+        self._processor = image_processor
+        self.register_buffer("logit_scale", model.logit_scale.detach().exp().clone())
+
+    def image_features(self, pixel_values):
+        pooled = self.image_encoder(pixel_values=pixel_values).pooler_output
+        return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, prompts):
+        text_model, projection = self._text
+        tokens = self._tokenizer(prompts, padding=True, return_tensors="pt")
+        pooled = text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        return F.normalize(projection(pooled), dim=-1)
+
+    def preprocess(self, images):
+        return self._processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+
+class OpenClipBackbone(Backbone):
+    """`open_clip` models (optional extra: needs torchvision)."""
+
+    def __init__(self, model, tokenizer, transform):
+        super().__init__()
+        self.image_encoder = model.visual
+        self._text = model
+        self._tokenizer = tokenizer
+        self._transform = transform
+        self.register_buffer("logit_scale", model.logit_scale.detach().exp().clone())
+
+    def image_features(self, pixel_values):
+        return F.normalize(self.image_encoder(pixel_values), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, prompts):
+        return F.normalize(self._text.encode_text(self._tokenizer(prompts)), dim=-1)
+
+    def preprocess(self, images):
+        return torch.stack([self._transform(im) for im in images])
+
+
+def resolve_name(name: str) -> str:
+    if name == BUILTIN_MODEL:
+        path = ASSETS / "tiny-clip"
+        if not (path / "config.json").is_file():
+            raise ModelError(f"the built-in model is missing from {path}; run `fedlrm pretrain` to create it")
+        return str(path)
+    return name
+
+
+def load_backbone(cfg: ModelConfig) -> Backbone:
+    """Load the configured backbone, frozen, in eval mode."""
+    if cfg.backend == "hf":
+        return _load_hf(resolve_name(cfg.name)).freeze()
+    if cfg.backend == "open_clip":
+        return _load_open_clip(cfg.name, cfg.pretrained).freeze()
+    raise ModelError(f"unknown model.backend {cfg.backend!r}; use hf or open_clip")
+
+
+def _load_hf(name: str) -> HFClipBackbone:
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ModelError(f"model.name {name!r} looks like a local path but is not a directory")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the PIL-fallback notice for image processors is noise here
+    hf_logging.disable_progress_bar()
+    try:
+        model = CLIPModel.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+        processor = AutoImageProcessor.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+    except OSError as err:
+        raise ModelError(
+            f"could not load the CLIP model {name!r} with transformers: {str(err).splitlines()[0]}. "
+            "Give a local directory saved with save_pretrained, or a hub id on a machine with network access."
+        ) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return HFClipBackbone(model, tokenizer, processor)
+
+
+def _load_open_clip(name: str, pretrained: str | None) -> OpenClipBackbone:
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ModelError(
+            "model.backend=open_clip needs the optional extra: pip install 'fedlrm[open_clip]' "
+            f"(with a torch build that torchvision supports). Import failed: {err}"
+        ) from err
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    except Exception as err:  # open_clip raises RuntimeError/ValueError/HF errors alike
+        raise ModelError(f"could not create open_clip model {name!r} (pretrained={pretrained!r}): {err}") from err
+    return OpenClipBackbone(model, open_clip.get_tokenizer(name), transform)
+
+
+class ClipClassifier(nn.Module):
+    """Zero-shot style classifier: logit_scale * cos(image feature, class text feature).
+
+    The class text features are computed once from the frozen text tower and kept as a
+    buffer (paper eqs. 2-4); only adapters inside the image encoder train.
+    """
+
+    def __init__(self, backbone: Backbone, class_names: list[str], prompt: str = "a photo of a {}."):
+        super().__init__()
+        self.backbone = backbone
+        self.class_names = list(class_names)
+        self.register_buffer("text_features", backbone.text_features([prompt.format(c) for c in class_names]))
+
+    @property
+    def image_encoder(self) -> nn.Module:
+        return self.backbone.image_encoder
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.image_features(pixel_values)
+        return self.backbone.logit_scale * features @ self.text_features.t()
+
+    @property
+    def preprocess(self) -> Callable[[list[Image.Image]], torch.Tensor]:
+        return self.backbone.preprocess

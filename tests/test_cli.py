@@ -1,0 +1,85 @@
+"""The command line: clear errors with no run directory left behind, params, compare."""
+
+import numpy as np
+import pytest
+
+from fedlrm.cli import main
+from conftest import CLASSES, jpeg_bytes
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def no_run_dirs(tmp_path):
+    runs = tmp_path / "runs"
+    return not runs.exists() or not any(runs.iterdir())
+
+
+def test_params_prints_paper_table1(capsys):
+    code, out, _ = run_cli(capsys, "params", "--layers", "12", "--dim", "256", "--global-rank", "1", "4", "16",
+                           "--local-rank", "4", "--algorithm", "fedlrm")
+    assert code == 0
+    for figure in ("36,864", "55,296", "129,024", "786,432", "16.4 %"):
+        assert figure in out
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trian.rounds=3", "unknown config key"),
+    ("algorithm=fedfoo", "unknown algorithm 'fedfoo'"),
+    ("train.rounds=many", "train.rounds"),
+    ("data.partition=iid", "data.partition"),
+])
+def test_bad_config_is_a_clear_error_without_run_dir(capsys, tiny_overrides, tmp_path, override, message):
+    code, _, err = run_cli(capsys, "run", "--no-progress", *tiny_overrides, override)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert no_run_dirs(tmp_path)
+
+
+def test_missing_dataset_path(capsys, tiny_overrides, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--no-progress", *tiny_overrides, f"data.train={tmp_path}/missing.parquet")
+    assert code == 2 and "missing.parquet" in err
+    assert no_run_dirs(tmp_path)
+
+
+def test_corrupt_image(capsys, tiny_overrides, tiny_dataset, tmp_path):
+    import datasets
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    images = [{"bytes": jpeg_bytes((10 * k, 0, 0), rng), "path": f"ok_{k}.jpg"} for k in range(24)]
+    images[5] = {"bytes": b"this is not an image", "path": "broken_5.jpg"}
+    labels = [k % len(CLASSES) for k in range(24)]
+    path = tmp_path / "corrupt.parquet"
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(path))
+    code, _, err = run_cli(capsys, "run", "--no-progress", *tiny_overrides, f"data.train={path}", "data.shots=0",
+                           "data.num_clients=1")
+    assert code == 2 and "broken_5.jpg" in err
+    assert no_run_dirs(tmp_path)
+
+
+def test_client_without_data(capsys, tiny_overrides, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--no-progress", *tiny_overrides, "data.num_clients=40")
+    assert code == 2 and "client" in err
+    assert no_run_dirs(tmp_path)
+
+
+def test_resume_rejects_non_run_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--resume", str(tmp_path))
+    assert code == 2 and "not a run directory" in err
+
+
+def test_compare_prints_one_table_and_writes_chart(capsys, tiny_overrides, tmp_path):
+    code, out, _ = run_cli(capsys, "compare", "--no-progress", "--algorithms", "zeroshot,fedavg,fedlrm",
+                           *tiny_overrides, "name=cmp")
+    assert code == 0
+    for word in ("zeroshot", "fedavg", "fedlrm", "acc (weighted)", "MB up / client / round", "trainable params"):
+        assert word in out
+    d = tmp_path / "runs" / "cmp"
+    assert (d / "compare.md").is_file() and (d / "compare.png").is_file() and (d / "compare.csv").is_file()
+    assert {p.name for p in d.iterdir() if p.is_dir()} == {"zeroshot", "fedavg", "fedlrm"}
+    # identical split for every method
+    summaries = [(d / a / "data_summary.json").read_text() for a in ("zeroshot", "fedavg", "fedlrm")]
+    assert summaries[0] == summaries[1] == summaries[2]

@@ -1,0 +1,95 @@
+"""The in-process federation: what crosses, how it is averaged, resuming, exports."""
+
+import json
+
+import pytest
+import torch
+
+from fedlrm.adapters.export import load_personalized
+from fedlrm.config import load_config
+from fedlrm.experiment import resume_experiment, run_experiment
+from fedlrm.federation.checkpoint import load_checkpoint
+from fedlrm.federation.task import personalize
+from fedlrm.federation.wire import decode
+
+
+def run(overrides, *extra, **kwargs):
+    return run_experiment(load_config(None, overrides + list(extra)), progress=False, **kwargs)
+
+
+def test_fedlrm_uploads_exactly_the_global_expert_and_nothing_private(tiny_overrides):
+    result = run(tiny_overrides, "algorithm=fedlrm")
+    assert result.messages, "a federated run exchanges messages"
+    for message in result.messages:
+        keys = message.keys
+        assert keys and all(".experts.global." in k for k in keys), keys
+        assert not any(".experts.local." in k or ".mixer." in k for k in keys)
+    # the upload is the whole global expert: every adapted layer's A and B
+    private = result.client_states[0]
+    assert private and all(".experts.local." in k or ".mixer." in k for k in private)
+    ups = [m for m in result.messages if m.direction == "up"]
+    assert set(ups[0].keys) == set(result.global_state)
+    # bytes recorded are the lengths of the payloads that crossed
+    for row in result.client_rows:
+        sent = [m for m in ups if m.round == row["round"] and m.client == row["client"]]
+        assert row["bytes_up"] == sum(len(m.payload) for m in sent) > 0
+    assert result.summary["uploaded"] == sum(v.numel() for v in result.global_state.values())
+
+
+def test_server_state_is_the_sample_weighted_mean_of_uploads(tiny_overrides):
+    result = run(tiny_overrides, "algorithm=fedavg", "train.rounds=2", "data.partition=dirichlet",
+                 "data.dirichlet_alpha=0.5", "data.shots=0")
+    sizes = {row["client"]: row["n_train"] for row in result.client_rows if row["round"] == 1}
+    assert len(set(sizes.values())) > 1, "the test needs clients of different sizes"
+    ups = [m for m in result.messages if m.round == 1 and m.direction == "up"]
+    next_down = next(m for m in result.messages if m.round == 2 and m.direction == "down")
+    total = sum(sizes[m.client] for m in ups)
+    received = decode(next_down.payload)
+    for key, value in received.items():
+        by_hand = sum(decode(m.payload)[key].double() * sizes[m.client] / total for m in ups)
+        torch.testing.assert_close(value.double(), by_hand, rtol=1e-6, atol=1e-7)
+
+
+def test_local_and_zeroshot_send_nothing(tiny_overrides):
+    local = run(tiny_overrides, "algorithm=local", "name=local")
+    assert all(row["bytes_up"] == 0 and row["bytes_down"] == 0 for row in local.client_rows)
+    assert local.summary["global_accuracy"] is None
+    zs = run(tiny_overrides, "algorithm=zeroshot", "name=zs")
+    assert [r["round"] for r in zs.round_rows] == [0] and zs.messages == []
+    assert zs.summary["trainable"] == 0 and zs.summary["global_accuracy"] is not None
+
+
+@pytest.mark.parametrize("algorithm", ["fedlrm", "fedprox"])
+def test_resumed_run_equals_uninterrupted_run(tiny_overrides, tmp_path, algorithm):
+    full = run(tiny_overrides, f"algorithm={algorithm}", "name=full", "train.client_fraction=0.67")
+    cut = run(tiny_overrides, f"algorithm={algorithm}", "name=cut", "train.client_fraction=0.67",
+              stop_after_round=1)
+    assert load_checkpoint(cut.run_dir).round == 1
+    assert not (cut.run_dir / "summary.json").exists()
+    resumed = resume_experiment(cut.run_dir, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert strip(resumed.client_rows) == strip(full.client_rows)
+    for key, value in full.global_state.items():
+        assert torch.equal(value, resumed.global_state[key])
+    assert json.loads((resumed.run_dir / "summary.json").read_text())["acc_weighted"] == full.summary["acc_weighted"]
+
+
+def test_run_directory_contents_and_personalized_export(tiny_overrides):
+    result = run(tiny_overrides, "algorithm=fedlrm")
+    d = result.run_dir
+    for name in ("config.yaml", "metrics.csv", "rounds.csv", "summary.json", "summary.md",
+                 "accuracy_per_round.png", "client_accuracy.png", "data_summary.json", "checkpoint/state.json"):
+        assert (d / name).is_file(), name
+    header = (d / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("round", "client", "accuracy", "loss", "n_train", "bytes_up", "bytes_down", "train_seconds"):
+        assert column in header
+    exported = load_personalized(d / "adapters" / "client_01")
+    sim_model = None
+    from fedlrm.federation.simulation import Simulation
+
+    sim = Simulation(load_config(d / "config.yaml"), progress=False)
+    sim_model = personalize(sim.bundle, sim.algorithm, result.client_states[1], result.global_state)
+    x = sim.data.clients[1].test.batches(4).__next__()[0]
+    torch.testing.assert_close(exported(x), sim_model(x))
+    meta = json.loads((d / "adapters" / "client_01" / "adapter_config.json").read_text())
+    assert meta["algorithm"] == "fedlrm" and meta["adapter"]["local_rank"] == 2
