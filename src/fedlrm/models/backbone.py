@@ -78,6 +78,9 @@ class OpenClipBackbone(Backbone):
 
     def __init__(self, model, tokenizer, transform):
         super().__init__()
+        from fedlrm.models.attention import split_attention
+
+        split_attention(model.visual)  # q/k/v as separate linears, so q_proj/v_proj can be adapted
         self.image_encoder = model.visual
         self._text = model
         self._tokenizer = tokenizer
