@@ -15,6 +15,7 @@ from torch import nn
 from fedlrm.adapters import adapted_weight_count, adapter_parameters, inject_adapters
 from fedlrm.algorithms import ALGORITHMS
 from fedlrm.config import RunConfig
+from fedlrm.reporting import wide_console
 
 
 class SyntheticEncoder(nn.Module):
@@ -70,4 +71,4 @@ def print_counts(rows: list[dict], title: str, console: Console | None = None) -
         table.add_row(r["algorithm"], str(r["global_rank"]), str(r["local_rank"]), f"{r['trainable']:,}",
                       f"{r['uploaded']:,}", f"{full:,}", f"{100 * r['trainable'] / full:.1f} %",
                       f"{100 * r['uploaded'] / full:.1f} %")
-    (console or Console(width=140)).print(table)
+    (console or wide_console()).print(table)

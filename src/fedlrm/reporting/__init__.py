@@ -19,7 +19,7 @@ COMPARE_COLUMNS = [
     ("acc_mean", "acc (mean) %", "{:.2f}"),
     ("acc_std", "std over clients", "{:.2f}"),
     ("global_accuracy", "global model %", "{:.2f}"),
-    ("mb_up_per_client_round", "MB up / client / round", "{:.4f}"),
+    ("mb_up_per_client_round", "MB up/client/round", "{:.4f}"),
     ("trainable", "trainable params", "{:,}"),
     ("wall_seconds", "wall s", "{:.1f}"),
 ]
@@ -58,10 +58,17 @@ def markdown_table(summaries: list[dict]) -> str:
 def print_table(summaries: list[dict], title: str, console: Console | None = None) -> None:
     table = Table(title=title)
     for i, (_, name, _) in enumerate(COMPARE_COLUMNS):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for s in summaries:
         table.add_row(*format_row(s))
-    (console or Console()).print(table)
+    (console or wide_console()).print(table)
+
+
+def wide_console() -> Console:
+    """Rich falls back to 80 columns when output is not a terminal; tables need more."""
+    import shutil
+
+    return Console(width=max(160, shutil.get_terminal_size().columns))
 
 
 def plot_run(run_dir: Path, client_rows: list[dict], round_rows: list[dict], title: str) -> None:

@@ -1,0 +1,18 @@
+"""Federated image data: sources, client partitions, few-shot sampling, image sets.
+
+`load_federated_data(cfg.data, preprocess, seed)` is the one entry point; see
+DESIGN.md section 3 for the protocol it implements.
+"""
+
+from fedlrm.data.augment import random_resized_crop_flip
+from fedlrm.data.federated import CACHE_LIMIT_BYTES, load_federated_data
+from fedlrm.data.imageset import ClientSplit, FederatedData, ImageSet
+
+__all__ = [
+    "CACHE_LIMIT_BYTES",
+    "ClientSplit",
+    "FederatedData",
+    "ImageSet",
+    "load_federated_data",
+    "random_resized_crop_flip",
+]

@@ -1,0 +1,139 @@
+"""Build the clients' few-shot train sets, their test sets and the global test set."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from fedlrm.config import DataConfig
+from fedlrm.data import partition as part
+from fedlrm.data.imageset import (ClientSplit, FederatedData, ImagePool, ImageSet, Preprocess)
+from fedlrm.data.sources import Split, _short, load_source, readable
+from fedlrm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# Preprocessed images are kept in memory when all of them together take at most this
+# much; otherwise test images (and, if still too large, train images) are decoded and
+# preprocessed again for every batch.
+CACHE_LIMIT_BYTES = 1 << 30
+_CHUNK = 256  # images decoded and preprocessed at a time
+
+
+def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
+                        cache_limit_bytes: int | None = None) -> FederatedData:
+    """Read `cfg`'s dataset, split its train split among the clients (seeded by `seed`),
+    draw each client's test set and the global test set, and decode every image used once
+    (checking it); preprocessed images are cached in memory if they fit the budget."""
+    started = time.perf_counter()
+    limit = CACHE_LIMIT_BYTES if cache_limit_bytes is None else cache_limit_bytes
+    source = load_source(cfg)
+    names, train_labels, test_labels = _exclude(source.class_names, source.train.labels,
+                                                source.test.labels, cfg.exclude_classes)
+    train_rows = np.flatnonzero(train_labels >= 0)
+    test_rows = np.flatnonzero(test_labels >= 0)
+    if len(train_rows) == 0:
+        raise DataError(f"the {source.train.where} has no images (after data.exclude_classes)")
+    if len(test_rows) == 0:
+        raise DataError(f"the {source.test.where} has no images (after data.exclude_classes)")
+
+    parts = part.partition(train_labels[train_rows], train_rows, cfg, seed)
+    client_train, client_test = [], []
+    shrunk = []
+    for cid, rows in enumerate(parts):
+        client_train.append(part.few_shot(rows, train_labels[rows], cfg.shots, seed, cid))
+        positions, largest = part.client_test(train_labels[rows], test_labels[test_rows],
+                                              cfg.test_per_client, seed, cid, names)
+        if cfg.test_per_client is not None and largest < cfg.test_per_client:
+            shrunk.append((cid, largest))
+        client_test.append(test_rows[positions])
+    if shrunk:
+        warnings.warn(
+            f"data.test_per_client={cfg.test_per_client} is more than the test split allows with "
+            f"the class proportions of some clients' partitions; their test sets are smaller "
+            f"(client: size) {', '.join(f'{c}: {n}' for c, n in shrunk)}",
+            stacklevel=2,
+        )
+    global_rows = test_rows[part.global_test(len(test_rows), cfg.global_test_size, seed)]
+
+    train_needed = np.unique(np.concatenate(client_train))
+    test_needed = np.unique(np.concatenate(client_test + [global_rows]))
+    probe = _preprocess(preprocess, source.train.load(train_needed[:1]))
+    per_image = probe[0].numel() * 4
+    train_bytes, test_bytes = len(train_needed) * per_image, len(test_needed) * per_image
+    cache_train = train_bytes <= limit
+    cache_test = train_bytes + test_bytes <= limit
+    train_pool = _pool(source.train, train_needed, preprocess, cache_train)
+    test_pool = _pool(source.test, test_needed, preprocess, cache_test)
+
+    def imageset(pool: ImagePool, rows: np.ndarray, labels: np.ndarray) -> ImageSet:
+        return ImageSet(pool, rows, labels[rows])
+
+    clients = [ClientSplit(cid, imageset(train_pool, tr, train_labels),
+                           imageset(test_pool, te, test_labels))
+               for cid, (tr, te) in enumerate(zip(client_train, client_test))]
+    data = FederatedData([readable(n) for n in names], clients,
+                         imageset(test_pool, global_rows, test_labels))
+    log.info("data: %d classes, %d clients, %d train + %d test images decoded (%s, %s) in %.1f s",
+             len(names), len(clients), len(train_needed), len(test_needed),
+             "train cached" if cache_train else "train decoded per batch",
+             "test cached" if cache_test else "test decoded per batch",
+             time.perf_counter() - started)
+    return data
+
+
+def _exclude(names: list[str], train: np.ndarray, test: np.ndarray,
+             exclude: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Drop the classes named in `exclude` (as spelled in the source or with spaces for
+    underscores); the others are renumbered 0..K-1 in their order. Dropped rows get -1."""
+    lookup: dict[str, int] = {}
+    for i, name in enumerate(names):
+        lookup.setdefault(str(name), i)
+        lookup.setdefault(readable(name), i)
+    unknown = [e for e in exclude if str(e) not in lookup]
+    if unknown:
+        raise DataError(
+            f"data.exclude_classes names classes the dataset does not have: "
+            f"{', '.join(map(repr, unknown))} (its classes: {_short(names, 30)})"
+        )
+    dropped = {lookup[str(e)] for e in exclude}
+    kept = [i for i in range(len(names)) if i not in dropped]
+    if not kept:
+        raise DataError("data.exclude_classes excludes every class of the dataset")
+    new_id = np.full(len(names), -1, dtype=np.int64)
+    new_id[kept] = np.arange(len(kept))
+    return [names[i] for i in kept], new_id[train], new_id[test]
+
+
+def _preprocess(preprocess: Preprocess, images: list) -> torch.Tensor:
+    out = preprocess(images)
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(images):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"preprocess must map {len(images)} images to a tensor "
+                        f"({len(images)}, 3, H, W); it returned {shape}")
+    return out.float()
+
+
+def _pool(split: Split, rows: np.ndarray, preprocess: Preprocess, cache: bool) -> ImagePool:
+    """Decode every image of `rows` once (a bad file raises a DataError naming it); keep the
+    preprocessed tensors if `cache`."""
+    tensor = None
+    for start in range(0, len(rows), _CHUNK):
+        images = split.load(rows[start:start + _CHUNK])
+        if cache:
+            batch = _preprocess(preprocess, images)
+            if tensor is None:
+                tensor = torch.empty((len(rows), *batch.shape[1:]), dtype=torch.float32)
+            if batch.shape[1:] != tensor.shape[1:]:
+                raise TypeError(f"preprocess returned images of shape {tuple(batch.shape[1:])} "
+                                f"after {tuple(tensor.shape[1:])}; it must give one fixed size")
+            tensor[start:start + len(images)] = batch
+        for image in images:
+            image.close()
+    if cache and tensor is None:
+        tensor = torch.empty((0, 3, 1, 1))
+    return ImagePool(split, rows, preprocess, tensor)

@@ -1,0 +1,133 @@
+"""Labelled image sets of clients and splits, and the federated data they make up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import PIL.Image
+import torch
+
+from fedlrm.data.augment import random_resized_crop_flip
+from fedlrm.data.sources import Split
+
+Preprocess = Callable[[list[PIL.Image.Image]], torch.Tensor]
+
+
+class ImagePool:
+    """The images of one source split that some ImageSet uses (`rows`, sorted, unique).
+
+    Either every image is preprocessed once and kept (`tensor`), or images are decoded and
+    preprocessed again for every batch (when the cached tensors would be too large)."""
+
+    def __init__(self, split: Split | None, rows: np.ndarray, preprocess: Preprocess | None,
+                 tensor: torch.Tensor | None) -> None:
+        self.split = split
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.preprocess = preprocess
+        self.tensor = tensor
+
+    @property
+    def cached(self) -> bool:
+        return self.tensor is not None
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.rows, np.asarray(rows, dtype=np.int64))
+
+    def images(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.tensor is not None:
+            return self.tensor[positions]
+        images = self.split.load(self.rows[positions.numpy()])
+        batch = self.preprocess(images).float()
+        for image in images:
+            image.close()
+        return batch
+
+    @property
+    def where(self) -> str:
+        return self.split.where if self.split is not None else "given tensors"
+
+
+class ImageSet:
+    """Labelled images of one client or split, preprocessed for the backbone.
+
+    `labels` are global class ids (logits are over all classes); `rows` are the images'
+    row numbers in the source split as read (before exclude_classes), for provenance."""
+
+    def __init__(self, pool: ImagePool, rows: np.ndarray, labels: np.ndarray) -> None:
+        self._pool = pool
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self._positions = torch.from_numpy(pool.positions(self.rows))
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        if len(self.rows) != len(self.labels):
+            raise ValueError("rows and labels differ in length")
+
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: torch.Tensor | np.ndarray) -> "ImageSet":
+        """An ImageSet of already preprocessed images (n, 3, H, W), e.g. for tests."""
+        images = torch.as_tensor(images, dtype=torch.float32)
+        rows = np.arange(len(images), dtype=np.int64)
+        return cls(ImagePool(None, rows, None, images), rows, np.asarray(labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        mode = "cached" if self.cached else "decoded per batch"
+        return f"ImageSet({len(self)} images of the {self._pool.where}, {mode})"
+
+    @property
+    def cached(self) -> bool:
+        """Whether the preprocessed images are held in memory (else decoded per batch)."""
+        return self._pool.cached
+
+    @property
+    def classes(self) -> list[int]:
+        """The sorted class ids present."""
+        return sorted(set(self.labels.tolist()))
+
+    def class_counts(self, num_classes: int) -> torch.Tensor:
+        return torch.bincount(self.labels, minlength=num_classes)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None,
+                augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images float32 (b, 3, H, W), labels int64 (b,)).
+
+        `shuffle` permutes with `generator` (torch's global generator if None); `augment`
+        applies a random resized crop (scale 0.5-1) and horizontal flip, with random numbers
+        from `generator` too, so a seeded generator makes the whole epoch reproducible."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size]
+            images = self._pool.images(self._positions[index])
+            if augment:
+                images = random_resized_crop_flip(images, generator)
+            yield images, self.labels[index]
+
+
+@dataclass
+class ClientSplit:
+    client_id: int
+    train: ImageSet
+    test: ImageSet
+
+
+@dataclass
+class FederatedData:
+    class_names: list[str]  # readable names used in prompts (underscores -> spaces)
+    clients: list[ClientSplit]
+    global_test: ImageSet  # the whole test split, or a seeded subsample of global_test_size
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> list[dict]:
+        """One dict per client: client, n_train, n_test, classes (sorted label ids)."""
+        return [{"client": c.client_id, "n_train": len(c.train), "n_test": len(c.test),
+                 "classes": c.train.classes} for c in self.clients]
