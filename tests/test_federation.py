@@ -93,3 +93,12 @@ def test_run_directory_contents_and_personalized_export(tiny_overrides):
     torch.testing.assert_close(exported(x), sim_model(x))
     meta = json.loads((d / "adapters" / "client_01" / "adapter_config.json").read_text())
     assert meta["algorithm"] == "fedlrm" and meta["adapter"]["local_rank"] == 2
+
+
+def test_token_gate_sgd_bf16_and_augmentation_run(tiny_overrides):
+    result = run(tiny_overrides, "algorithm=fedlrm", "adapter.gate=token", "train.optimizer=sgd",
+                 "train.precision=bf16", "data.augment=true", "train.rounds=1", "train.client_fraction=0.5")
+    assert len(result.round_rows) == 1 and result.round_rows[0]["clients_sampled"] == 2
+    assert all(0.0 <= row["accuracy"] <= 1.0 and row["loss"] == row["loss"] for row in result.client_rows)
+    sampled = [row for row in result.client_rows if row["sampled"]]
+    assert len(sampled) == 2 and all(row["train_loss"] is not None for row in sampled)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -80,6 +81,7 @@ def plot_run(run_dir: Path, client_rows: list[dict], round_rows: list[dict], tit
     ax.plot(xs, [100 * r["acc_weighted"] for r in evaluated], marker="o", label="weighted by test size")
     ax.plot(xs, [100 * r["acc_mean"] for r in evaluated], marker=".", linestyle="--", label="unweighted")
     ax.set(xlabel="round", ylabel="mean client accuracy (%)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -91,6 +93,7 @@ def plot_run(run_dir: Path, client_rows: list[dict], round_rows: list[dict], tit
         mine = [r for r in client_rows if r["client"] == c]
         ax.plot([r["round"] for r in mine], [100 * r["accuracy"] for r in mine], marker=".", label=f"client {c}")
     ax.set(xlabel="round", ylabel="client test accuracy (%)", title=f"{title}: per client")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
