@@ -107,9 +107,9 @@ def plot_compare(path: Path, summaries: list[dict], title: str) -> None:
     values = [100 * s.get("acc_weighted", 0.0) for s in summaries]
     errors = [100 * s.get("acc_std", 0.0) for s in summaries]
     bars = ax.bar(names, values, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
-    for bar, v in zip(bars, values):
-        ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8,
-                    xytext=(0, 2), textcoords="offset points")
+    for bar, v in zip(bars, values):  # inside the bar, clear of the error bar above it
+        ax.annotate(f"{v:.1f}", (bar.get_x() + bar.get_width() / 2, v / 2), ha="center", va="center",
+                    fontsize=9, color="white", fontweight="bold")
     ax.set(ylabel="mean client accuracy (%), weighted", title=title)
     ax.set_ylim(0, 105)
     ax.grid(axis="y", alpha=0.3)
