@@ -84,15 +84,14 @@ def test_run_directory_contents_and_personalized_export(tiny_overrides):
     for column in ("round", "client", "accuracy", "loss", "n_train", "bytes_up", "bytes_down", "train_seconds"):
         assert column in header
     exported = load_personalized(d / "adapters" / "client_01")
-    sim_model = None
     from fedlrm.federation.simulation import Simulation
 
     sim = Simulation(load_config(d / "config.yaml"), progress=False)
-    sim_model = personalize(sim.bundle, sim.algorithm, result.client_states[1], result.global_state)
+    sim_model = personalize(sim.bundle, sim.algorithm, sim.cfg, 1, result.client_states[1], result.global_state)
     x = sim.data.clients[1].test.batches(4).__next__()[0]
     torch.testing.assert_close(exported(x), sim_model(x))
     meta = json.loads((d / "adapters" / "client_01" / "adapter_config.json").read_text())
-    assert meta["algorithm"] == "fedlrm" and meta["adapter"]["local_rank"] == 2
+    assert meta["config"]["algorithm"] == "fedlrm" and meta["config"]["adapter"]["local_rank"] == 2
 
 
 def test_token_gate_sgd_bf16_and_augmentation_run(tiny_overrides):

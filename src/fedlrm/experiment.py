@@ -54,9 +54,11 @@ def finish(sim: Simulation, result: RunResult, run_dir: Path) -> None:
     write_run_report(run_dir, result, sim.cfg.algorithm)
     if not sim.algorithm.trains:
         return
+    sim.algorithm.write_report(run_dir, result.global_state)
     for c in range(sim.num_clients):
-        model = personalize(sim.bundle, sim.algorithm, result.client_states[c], result.global_state)
-        save_personalized(run_dir / "adapters" / f"client_{c:02d}", model, sim.cfg, sim.data.class_names, c)
+        model = personalize(sim.bundle, sim.algorithm, sim.cfg, c, result.client_states[c], result.global_state)
+        save_personalized(run_dir / "adapters" / f"client_{c:02d}", model, sim.cfg, sim.data.class_names, c,
+                          sim.bundle.layout, sim.algorithm.message_for(c, result.global_state))
 
 
 def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,

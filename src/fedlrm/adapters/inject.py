@@ -49,6 +49,16 @@ def inject_adapters(
     return [name for name, _ in chosen]
 
 
+def strip_adapters(root: nn.Module) -> int:
+    """Put every adapted layer's frozen linear back in its place; returns how many."""
+    layers = list(adapted_layers(root))
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, layer.base)
+    return len(layers)
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """All adapter parameters (experts and gates) by their name in `model`."""
     params = {}

@@ -8,12 +8,17 @@ simulation, Flower) only call these methods; they never ask which algorithm runs
 Adapter weights are named by role: keys containing `.experts.global.` form the shared
 state that the server holds and the clients receive; everything else (local experts,
 gates) is private to a client and is kept by the runtime between rounds on that client.
+Server-state keys starting with `server.` are the server's own bookkeeping and are never
+sent. An algorithm whose adapters change shape during a run (FedLEASE after clustering)
+says so through `layout`: the runtime rebuilds a client's adapters when the layout that
+a message implies differs from the one the client's model has.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, ContextManager
 
 import torch
@@ -24,6 +29,7 @@ from fedlrm.config import RunConfig
 
 State = dict[str, torch.Tensor]
 SHARED_MARK = ".experts.global."
+SERVER_ONLY = "server."
 
 
 @dataclass
@@ -50,6 +56,13 @@ class Algorithm:
         """The adapted replacement of one target layer, or None to leave the model as it is."""
         raise NotImplementedError
 
+    def layout(self, message: State) -> object:
+        """The adapter layout a client needs for a message from the server (constant by default)."""
+        return None
+
+    def use_layout(self, layout: object) -> None:
+        """Make `make_layer` build the given layout."""
+
     def is_shared(self, key: str) -> bool:
         """Whether an adapter weight belongs to the state the server holds and sends out."""
         return SHARED_MARK in key
@@ -57,6 +70,11 @@ class Algorithm:
     def expert(self, linear: nn.Linear, rank: int) -> LoRAExpert:
         a = self.cfg.adapter
         return LoRAExpert(linear.in_features, linear.out_features, rank, a.alpha, a.dropout)
+
+    # ----- messages -----------------------------------------------------------------------
+    def message_for(self, client_id: int, server_state: State) -> State:
+        """What the server sends one client: its state less the server-only bookkeeping."""
+        return {k: v for k, v in server_state.items() if not k.startswith(SERVER_ONLY)}
 
     # ----- client side ------------------------------------------------------------------
     def receive(self, model: nn.Module, received: State) -> None:
@@ -74,24 +92,31 @@ class Algorithm:
     # ----- server side ------------------------------------------------------------------
     def aggregate(self, global_state: State, uploads: list[Upload]) -> State:
         """The new server state from this round's uploads (paper eq. 6 by default)."""
-        return weighted_mean(uploads) if uploads else global_state
+        return {**global_state, **weighted_mean(uploads)} if uploads else global_state
 
-    # ----- evaluation -------------------------------------------------------------------
+    # ----- evaluation and records -------------------------------------------------------
     def global_view(self, model: nn.Module) -> ContextManager:
         """Within this context `model` (holding the server state) acts as the global model."""
         return nullcontext(model)
 
+    def write_report(self, run_dir: Path, server_state: State) -> None:
+        """Write what the algorithm decided during the run (e.g. clusters) into the run directory."""
+
 
 def weighted_mean(uploads: list[Upload]) -> State:
-    """Sample-weighted average of the uploaded tensors (FedAvg, paper eq. 6)."""
-    total = float(sum(u.num_examples for u in uploads))
-    if total <= 0:
-        raise ValueError("cannot average uploads that stand for no training examples")
-    keys = uploads[0].state.keys()
+    """Sample-weighted average of the uploaded tensors (FedAvg, paper eq. 6).
+
+    Each key is averaged over the uploads that contain it, weighted by their examples, so
+    clients that send different parts (one cluster's expert, some layers) are averaged
+    part by part."""
     out = {}
-    for key in keys:
-        acc = torch.zeros_like(uploads[0].state[key], dtype=torch.float64)
-        for u in uploads:
+    for key in dict.fromkeys(k for u in uploads for k in u.state):
+        holders = [u for u in uploads if key in u.state]
+        total = float(sum(u.num_examples for u in holders))
+        if total <= 0:
+            raise ValueError("cannot average uploads that stand for no training examples")
+        acc = torch.zeros_like(holders[0].state[key], dtype=torch.float64)
+        for u in holders:
             acc += u.state[key].double() * (u.num_examples / total)
-        out[key] = acc.to(uploads[0].state[key].dtype)
+        out[key] = acc.to(holders[0].state[key].dtype)
     return out

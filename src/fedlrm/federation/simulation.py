@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedlrm.adapters import get_state, reset_adapters, set_state
+from fedlrm.adapters import get_state, reset_adapters
 from fedlrm.algorithms import Algorithm, Upload, get_algorithm
 from fedlrm.config import RunConfig, to_yaml
 from fedlrm.data import FederatedData, load_federated_data
@@ -66,6 +66,7 @@ class Simulation:
         self.bundle: ModelBundle = build_model(backbone, self.data.class_names, cfg, self.algorithm)
         self.bundle.model.to(resolve_device(cfg.train.device))
         self.num_clients = len(self.data.clients)
+        self.max_upload_params = 0  # measured on the uploads that crossed
 
     # ------------------------------------------------------------------ state
     def initial_states(self) -> tuple[dict, dict[int, dict]]:
@@ -80,9 +81,9 @@ class Simulation:
         return global_state, clients
 
     def trainable_parameters(self) -> dict[str, int]:
-        b = self.bundle
-        params = {k: v.numel() for k, v in get_state(b.model).items()}
-        return {"trainable": sum(params.values()), "uploaded": sum(params[k] for k in b.shared_keys)}
+        """Adapter weights a client holds now, and the largest upload seen in the run."""
+        params = sum(v.numel() for v in get_state(self.bundle.model).values())
+        return {"trainable": params, "uploaded": self.max_upload_params}
 
     # ------------------------------------------------------------------ run
     def run(self, run_dir: Path | None = None, resume: bool = False,
@@ -109,14 +110,16 @@ class Simulation:
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, r, self.num_clients, cfg.train.client_fraction) if r else []
             uploads, up_bytes, down_bytes, stats = [], {}, {}, {}
-            message = encode(global_state)
             for c in tqdm(sampled, desc=f"round {r} clients", leave=False, disable=not self.progress):
+                message = encode(algo.message_for(c, global_state))
                 result = client_round(b, algo, cfg, self.data.clients[c].train, clients[c], message, r, c)
                 clients[c] = result.private
                 messages += [Message(r, c, "down", message), Message(r, c, "up", result.upload)]
-                uploads.append(Upload(c, decode(result.upload), len(self.data.clients[c].train)))
+                uploaded = decode(result.upload)
+                self.max_upload_params = max(self.max_upload_params, sum(v.numel() for v in uploaded.values()))
+                uploads.append(Upload(c, uploaded, len(self.data.clients[c].train)))
                 up_bytes[c], down_bytes[c], stats[c] = len(result.upload), len(message), result.stats
-            if uploads and b.shared_keys:
+            if uploads:
                 global_state = algo.aggregate(global_state, uploads)
             train_seconds = time.perf_counter() - t0
             evaluate_now = r == last or r % cfg.train.eval_every == 0
@@ -140,7 +143,7 @@ class Simulation:
         rows = []
         for c, split in enumerate(self.data.clients):
             t0 = time.perf_counter()
-            model = personalize(self.bundle, self.algorithm, clients[c], global_state)
+            model = personalize(self.bundle, self.algorithm, self.cfg, c, clients[c], global_state)
             result = evaluate(model, split.test, self.cfg.train.eval_batch_size, self.cfg.train)
             s = stats.get(c)
             rows.append({
@@ -164,8 +167,7 @@ class Simulation:
     def _evaluate_global(self, global_state) -> dict:
         if not self.algorithm.has_global_model:
             return {}
-        model = self.bundle.model
-        set_state(model, global_state)
+        model = personalize(self.bundle, self.algorithm, self.cfg, 0, {}, global_state)
         with self.algorithm.global_view(model):
             result = evaluate(model, self.data.global_test, self.cfg.train.eval_batch_size, self.cfg.train)
         return {"global_accuracy": result["accuracy"], "global_loss": result["loss"]}

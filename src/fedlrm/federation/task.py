@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedlrm.adapters import adapter_parameters, get_state, inject_adapters, set_state
+from fedlrm.adapters import (adapter_parameters, get_state, inject_adapters, reset_adapters, set_state,
+                             strip_adapters)
 from fedlrm.algorithms import Algorithm, State
 from fedlrm.config import RunConfig, TrainConfig
 from fedlrm.federation.seeding import derive_seed
@@ -30,19 +31,47 @@ class ModelBundle:
     shared_keys: list[str]
     private_keys: list[str]
     adapted_modules: list[str] = field(default_factory=list)
+    layout: object = None
 
 
 def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algorithm: Algorithm) -> ModelBundle:
     """The classifier with the algorithm's adapters on the configured image-encoder layers."""
-    model = ClipClassifier(backbone, class_names, cfg.model.prompt)
-    adapted: list[str] = []
+    bundle = ModelBundle(ClipClassifier(backbone, class_names, cfg.model.prompt), [], [])
+    adapt(bundle, algorithm, cfg, algorithm.layout({}))
+    return bundle
+
+
+def adapt(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, layout: object) -> None:
+    """(Re)place the algorithm's adapters of `layout` on the target layers."""
+    model = bundle.model
+    strip_adapters(model.image_encoder)
+    algorithm.use_layout(layout)
+    bundle.adapted_modules = []
     if algorithm.trains:
-        adapted = inject_adapters(model.image_encoder, cfg.model.target_modules, algorithm.make_layer,
-                                  cfg.model.target_layers)
+        bundle.adapted_modules = inject_adapters(model.image_encoder, cfg.model.target_modules,
+                                                 algorithm.make_layer, cfg.model.target_layers)
+        model.to(model.text_features.device)
     keys = list(adapter_parameters(model))
-    shared = [k for k in keys if algorithm.is_shared(k)]
-    private = [k for k in keys if not algorithm.is_shared(k)]
-    return ModelBundle(model, shared, private, adapted)
+    bundle.shared_keys = [k for k in keys if algorithm.is_shared(k)]
+    bundle.private_keys = [k for k in keys if not algorithm.is_shared(k)]
+    bundle.layout = layout
+
+
+def load_client(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int, private: State,
+                received: State) -> None:
+    """Put one client's state in the model: its private weights, then what it received.
+
+    If the message implies another adapter layout, the adapters are rebuilt first, and
+    private weights the new layout has but the client does not yet (e.g. a router that
+    appears after clustering) start from a seed of (run seed, layout, client)."""
+    layout = algorithm.layout(received)
+    if layout != bundle.layout:
+        adapt(bundle, algorithm, cfg, layout)
+    if any(k not in private for k in bundle.private_keys):
+        reset_adapters(bundle.model, derive_seed(cfg.seed, "init", repr(layout), "client", client_id))
+    keep = set(bundle.private_keys)
+    set_state(bundle.model, {k: v for k, v in private.items() if k in keep})
+    algorithm.receive(bundle.model, received)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -141,15 +170,14 @@ def client_round(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, trai
                  message: bytes, round_index: int, client_id: int) -> ClientResult:
     """One client's round: receive the server's bytes, train, answer with bytes."""
     received = decode(message)
-    set_state(bundle.model, private)
-    algorithm.receive(bundle.model, received)
+    load_client(bundle, algorithm, cfg, client_id, private, received)
     stats = train_locally(bundle.model, algorithm, train_set, received, cfg, round_index, client_id)
     upload = encode(algorithm.upload(bundle.model, bundle.shared_keys))
     return ClientResult(upload, get_state(bundle.model, bundle.private_keys), stats)
 
 
-def personalize(bundle: ModelBundle, algorithm: Algorithm, private: State, global_state: State) -> nn.Module:
-    """The model a client evaluates with: its private weights plus the current server state."""
-    set_state(bundle.model, private)
-    algorithm.receive(bundle.model, global_state)
+def personalize(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int, private: State,
+                server_state: State) -> nn.Module:
+    """The model a client evaluates with: its private weights plus what the server sends it now."""
+    load_client(bundle, algorithm, cfg, client_id, private, algorithm.message_for(client_id, server_state))
     return bundle.model
