@@ -8,7 +8,6 @@ import time
 
 from fedlrm.errors import FedLRMError
 
-DEFAULT_COMPARE = "zeroshot,local,fedavg,fedprox,apfl,fedlrm"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="run several algorithms on the identical split and seed")
     _config_args(cmp)
-    cmp.add_argument("--algorithms", default=DEFAULT_COMPARE, help=f"comma-separated (default {DEFAULT_COMPARE})")
+    from fedlrm.algorithms import ALGORITHMS
+
+    every = ",".join(ALGORITHMS)
+    cmp.add_argument("--algorithms", default=every, help=f"comma-separated (default: all, {every})")
     cmp.set_defaults(func=cmd_compare)
 
     params = sub.add_parser("params", help="count trainable, uploaded and full-fine-tuning parameters")

@@ -87,6 +87,12 @@ class TrainConfig:
 
 
 @dataclass
+class FedLEASEConfig:
+    warmup_rounds: int = 5  # rounds of purely local LoRA before clustering (official code: 5)
+    max_clusters: int = 4  # k is chosen by silhouette in [2, max_clusters] (official code: 4)
+
+
+@dataclass
 class RunConfig:
     algorithm: str = "fedlrm"
     seed: int = 0
@@ -96,6 +102,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fedlease: FedLEASEConfig = field(default_factory=FedLEASEConfig)
 
 
 CHOICES = {
@@ -108,7 +115,8 @@ CHOICES = {
     "train.precision": ("fp32", "bf16"),
 }
 POSITIVE = ("adapter.rank", "adapter.local_rank", "data.num_clients", "train.rounds",
-            "train.local_epochs", "train.batch_size", "train.eval_every", "train.eval_batch_size")
+            "train.local_epochs", "train.batch_size", "train.eval_every", "train.eval_batch_size",
+            "fedlease.warmup_rounds")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -142,7 +150,7 @@ def _explain(err: OmegaConfBaseException, key: str) -> str:
     text = str(err).splitlines()[0]
     if "not in struct" in text or "Key '" in text and "not" in text:
         return (f"unknown config key {key!r}. Valid keys are listed by `fedlrm config` "
-                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*)")
+                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*)")
     return f"bad value for {key!r}: {text}"
 
 
@@ -166,6 +174,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"adapter.apfl_mix must be in [0, 1], got {cfg.adapter.apfl_mix}")
     if cfg.data.shots < 0:
         raise ConfigError(f"data.shots must be 0 (whole partition) or more, got {cfg.data.shots}")
+    if cfg.fedlease.max_clusters < 2:
+        raise ConfigError(f"fedlease.max_clusters must be at least 2, got {cfg.fedlease.max_clusters}")
     if "{}" not in cfg.model.prompt:
         raise ConfigError(f"model.prompt {cfg.model.prompt!r} needs a '{{}}' where the class name goes")
 

@@ -2,10 +2,11 @@
 
 from fedlrm.adapters.inject import (adapted_weight_count, adapter_parameters, get_state, inject_adapters,
                                     reset_adapters, set_state, strip_adapters)
-from fedlrm.adapters.layers import AdaptedLinear, FixedMix, LoRAExpert, Mixer, SoftmaxGate, adapted_layers, only_expert
+from fedlrm.adapters.layers import (AdaptedLinear, FixedMix, LoRAExpert, Mixer, SoftmaxGate, TopMRouter,
+                                    adapted_layers, only_expert)
 
 __all__ = [
-    "AdaptedLinear", "FixedMix", "LoRAExpert", "Mixer", "SoftmaxGate", "adapted_layers", "only_expert",
+    "AdaptedLinear", "FixedMix", "LoRAExpert", "Mixer", "SoftmaxGate", "TopMRouter", "adapted_layers", "only_expert",
     "adapted_weight_count", "adapter_parameters", "get_state", "inject_adapters", "reset_adapters", "set_state",
     "strip_adapters",
 ]

@@ -87,6 +87,41 @@ class SoftmaxGate(Mixer):
         return torch.softmax(self.proj(x), dim=-1)
 
 
+class TopMRouter(Mixer):
+    """FedLEASE's adaptive router over M experts, per token.
+
+    `Linear(d_in, 2M-1)`, softmax, keep the top M, renormalise. Slots 0..M-1 are the M
+    experts; slots M..2M-2 all stand for the client's own expert (`own`). As only M-1
+    slots name other experts, every top-M choice contains an own slot: a token always
+    gives the own expert positive weight and uses between 1 and M distinct experts.
+    """
+
+    def __init__(self, d_in: int, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.proj = nn.Linear(d_in, 2 * n_experts - 1, bias=False)
+        self.register_buffer("own", torch.tensor(0), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        bound = 1.0 / math.sqrt(self.proj.in_features)  # kaiming_uniform_ with a=sqrt(5), as the official code
+        with torch.no_grad():
+            self.proj.weight.uniform_(-bound, bound, generator=generator)
+
+    def slot_experts(self) -> torch.Tensor:
+        mapping = torch.arange(2 * self.n_experts - 1, device=self.own.device)
+        mapping[self.n_experts:] = self.own
+        return mapping
+
+    def forward(self, x):
+        probs = torch.softmax(self.proj(x).float(), dim=-1)
+        top, slots = probs.topk(self.n_experts, dim=-1)
+        top = top / top.sum(dim=-1, keepdim=True)
+        experts = self.slot_experts()[slots]
+        weights = torch.zeros(*top.shape[:-1], self.n_experts, dtype=top.dtype, device=top.device)
+        return weights.scatter_add(-1, experts, top).to(x.dtype)
+
+
 class AdaptedLinear(nn.Module):
     """A frozen `nn.Linear` plus named LoRA experts and, for more than one, a mixer."""
 

@@ -63,6 +63,10 @@ class Algorithm:
     def use_layout(self, layout: object) -> None:
         """Make `make_layer` build the given layout."""
 
+    def private_init_key(self, client_id: int) -> object:
+        """Clients with the same key start with the same private weights (default: each its own)."""
+        return client_id
+
     def is_shared(self, key: str) -> bool:
         """Whether an adapter weight belongs to the state the server holds and sends out."""
         return SHARED_MARK in key

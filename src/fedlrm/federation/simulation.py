@@ -76,7 +76,7 @@ class Simulation:
         global_state = get_state(model, b.shared_keys)
         clients = {}
         for c in range(self.num_clients):
-            reset_adapters(model, derive_seed(self.cfg.seed, "init", "client", c))
+            reset_adapters(model, derive_seed(self.cfg.seed, "init", "client", self.algorithm.private_init_key(c)))
             clients[c] = get_state(model, b.private_keys)
         return global_state, clients
 

@@ -132,3 +132,36 @@ def per_client_markdown(per_client: dict) -> str:
     lines = ["| client | accuracy % |", "|---|---|"]
     lines += [f"| {c} | {100 * a:.2f} |" for c, a in sorted(per_client.items(), key=lambda kv: int(kv[0]))]
     return "\n".join(lines) + "\n"
+
+
+def plot_clustering(path: Path, distances, assignment: list[int], candidates: list) -> None:
+    """Distance heatmap (clients ordered by cluster), dendrogram and silhouette per k."""
+    import numpy as np
+    from scipy.cluster.hierarchy import dendrogram, linkage
+    from scipy.spatial.distance import squareform
+
+    seen = [i for i in range(len(assignment)) if not np.isnan(distances[i, i])]
+    d = distances[np.ix_(seen, seen)]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    order = sorted(range(len(seen)), key=lambda i: (assignment[seen[i]], seen[i]))
+    im = axes[0].imshow(d[np.ix_(order, order)], cmap="viridis")
+    labels = [f"{seen[i]} (c{assignment[seen[i]]})" for i in order]
+    axes[0].set_xticks(range(len(order)), labels, rotation=90, fontsize=7)
+    axes[0].set_yticks(range(len(order)), labels, fontsize=7)
+    axes[0].set_title("LoRA-B cosine distance (client, cluster)")
+    fig.colorbar(im, ax=axes[0], fraction=0.046)
+    if len(seen) >= 2:
+        dendrogram(linkage(squareform(d, checks=False), method="average"), ax=axes[1],
+                   labels=[str(c) for c in seen])
+    axes[1].set(title="average-linkage dendrogram", xlabel="client", ylabel="distance")
+    if candidates:
+        ks, scores = zip(*candidates)
+        axes[2].plot(ks, scores, marker="o")
+        chosen = max(assignment) + 1
+        axes[2].axvline(chosen, color="tab:red", linestyle="--", label=f"chosen k = {chosen}")
+        axes[2].legend()
+        axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[2].set(title="silhouette score by k", xlabel="k", ylabel="silhouette")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
