@@ -59,7 +59,7 @@ def test_local_and_zeroshot_send_nothing(tiny_overrides):
     assert zs.summary["trainable"] == 0 and zs.summary["global_accuracy"] is not None
 
 
-@pytest.mark.parametrize("algorithm", ["fedlrm", "fedprox"])
+@pytest.mark.parametrize("algorithm", ["fedlrm", "fedprox", "fedpia"])
 def test_resumed_run_equals_uninterrupted_run(tiny_overrides, tmp_path, algorithm):
     full = run(tiny_overrides, f"algorithm={algorithm}", "name=full", "train.client_fraction=0.67")
     cut = run(tiny_overrides, f"algorithm={algorithm}", "name=cut", "train.client_fraction=0.67",

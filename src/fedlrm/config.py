@@ -93,6 +93,13 @@ class FedLEASEConfig:
 
 
 @dataclass
+class FedPIAConfig:
+    global_weight: float = 0.5  # client integration: (1 - w) * own + w * aligned global
+    max_iterations: int = 10  # server barycenter: align-and-average passes at most
+    tolerance: float = 1e-6  # stop when the barycenter moves less than this (Frobenius norm)
+
+
+@dataclass
 class RunConfig:
     algorithm: str = "fedlrm"
     seed: int = 0
@@ -103,6 +110,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fedlease: FedLEASEConfig = field(default_factory=FedLEASEConfig)
+    fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
 
 
 CHOICES = {
@@ -116,7 +124,7 @@ CHOICES = {
 }
 POSITIVE = ("adapter.rank", "adapter.local_rank", "data.num_clients", "train.rounds",
             "train.local_epochs", "train.batch_size", "train.eval_every", "train.eval_batch_size",
-            "fedlease.warmup_rounds")
+            "fedlease.warmup_rounds", "fedpia.max_iterations")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -150,7 +158,7 @@ def _explain(err: OmegaConfBaseException, key: str) -> str:
     text = str(err).splitlines()[0]
     if "not in struct" in text or "Key '" in text and "not" in text:
         return (f"unknown config key {key!r}. Valid keys are listed by `fedlrm config` "
-                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*)")
+                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*, fedpia.*)")
     return f"bad value for {key!r}: {text}"
 
 
@@ -174,6 +182,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"adapter.apfl_mix must be in [0, 1], got {cfg.adapter.apfl_mix}")
     if cfg.data.shots < 0:
         raise ConfigError(f"data.shots must be 0 (whole partition) or more, got {cfg.data.shots}")
+    if not 0 <= cfg.fedpia.global_weight <= 1:
+        raise ConfigError(f"fedpia.global_weight must be in [0, 1], got {cfg.fedpia.global_weight}")
     if cfg.fedlease.max_clusters < 2:
         raise ConfigError(f"fedlease.max_clusters must be at least 2, got {cfg.fedlease.max_clusters}")
     if "{}" not in cfg.model.prompt:

@@ -5,12 +5,13 @@ from fedlrm.algorithms.base import Algorithm, State, Upload, weighted_mean
 from fedlrm.algorithms.fedavg import FedAvg
 from fedlrm.algorithms.fedlease import FedLEASE
 from fedlrm.algorithms.fedlrm import FedLRM
+from fedlrm.algorithms.fedpia import FedPIA
 from fedlrm.algorithms.fedprox import FedProx
 from fedlrm.algorithms.local import Local
 from fedlrm.algorithms.zeroshot import ZeroShot
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (ZeroShot, Local, FedAvg, FedProx, APFL, FedLRM, FedLEASE)
+    cls.name: cls for cls in (ZeroShot, Local, FedAvg, FedProx, APFL, FedLRM, FedLEASE, FedPIA)
 }
 
 

@@ -165,3 +165,18 @@ def plot_clustering(path: Path, distances, assignment: list[int], candidates: li
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_transport(path: Path, history) -> None:
+    """FedPIA: transport cost of client adapters to the barycenter per round, before and after alignment."""
+    rounds = range(1, len(history) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, history[:, :, 0].mean(1), marker="o", label="before alignment (own order)")
+    ax.plot(rounds, history[:, :, 1].mean(1), marker="o", label="after alignment (permuted)")
+    ax.set(xlabel="round", ylabel="transport cost, mean over layers", title="FedPIA: clients to barycenter")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
