@@ -100,6 +100,15 @@ class FedPIAConfig:
 
 
 @dataclass
+class F3OCUSConfig:
+    budget: int = 2  # transformer blocks each client trains per round
+    optimizer: str = "nsga2"  # pymoo meta-heuristic: nsga2 | smsemoa
+    population: int = 40
+    generations: int = 30
+    ntk_batch: int = 8  # images per client for the layer-wise NTK
+
+
+@dataclass
 class RunConfig:
     algorithm: str = "fedlrm"
     seed: int = 0
@@ -111,6 +120,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fedlease: FedLEASEConfig = field(default_factory=FedLEASEConfig)
     fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
+    f3ocus: F3OCUSConfig = field(default_factory=F3OCUSConfig)
 
 
 CHOICES = {
@@ -121,10 +131,12 @@ CHOICES = {
     "train.optimizer": ("adamw", "sgd"),
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16"),
+    "f3ocus.optimizer": ("nsga2", "smsemoa"),
 }
 POSITIVE = ("adapter.rank", "adapter.local_rank", "data.num_clients", "train.rounds",
             "train.local_epochs", "train.batch_size", "train.eval_every", "train.eval_batch_size",
-            "fedlease.warmup_rounds", "fedpia.max_iterations")
+            "fedlease.warmup_rounds", "fedpia.max_iterations", "f3ocus.budget", "f3ocus.population",
+            "f3ocus.generations", "f3ocus.ntk_batch")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -158,7 +170,7 @@ def _explain(err: OmegaConfBaseException, key: str) -> str:
     text = str(err).splitlines()[0]
     if "not in struct" in text or "Key '" in text and "not" in text:
         return (f"unknown config key {key!r}. Valid keys are listed by `fedlrm config` "
-                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*, fedpia.*)")
+                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*, fedpia.*, f3ocus.*)")
     return f"bad value for {key!r}: {text}"
 
 

@@ -1,6 +1,7 @@
 """Federated algorithms, one module each, all behind `fedlrm.algorithms.base.Algorithm`."""
 
 from fedlrm.algorithms.apfl import APFL
+from fedlrm.algorithms.f3ocus import F3OCUS
 from fedlrm.algorithms.base import Algorithm, State, Upload, weighted_mean
 from fedlrm.algorithms.fedavg import FedAvg
 from fedlrm.algorithms.fedlease import FedLEASE
@@ -11,7 +12,7 @@ from fedlrm.algorithms.local import Local
 from fedlrm.algorithms.zeroshot import ZeroShot
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (ZeroShot, Local, FedAvg, FedProx, APFL, FedLRM, FedLEASE, FedPIA)
+    cls.name: cls for cls in (ZeroShot, Local, FedAvg, FedProx, APFL, FedLRM, FedLEASE, FedPIA, F3OCUS)
 }
 
 

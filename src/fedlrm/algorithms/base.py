@@ -80,6 +80,10 @@ class Algorithm:
         """What the server sends one client: its state less the server-only bookkeeping."""
         return {k: v for k, v in server_state.items() if not k.startswith(SERVER_ONLY)}
 
+    def init_server(self, server_state: State) -> State:
+        """The server's state before round 1 (e.g. a first selection); as it is by default."""
+        return server_state
+
     # ----- client side ------------------------------------------------------------------
     def receive(self, model: nn.Module, received: State) -> None:
         """Install the server's state into the client's model before local training."""
@@ -92,6 +96,10 @@ class Algorithm:
     def upload(self, model: nn.Module, shared_keys: list[str]) -> State:
         """What the client sends to the server after local training."""
         return get_state(model, shared_keys)
+
+    def client_report(self, model: nn.Module, train_set) -> State:
+        """Statistics of its own data a client adds to its upload (e.g. layer scores); none by default."""
+        return {}
 
     # ----- server side ------------------------------------------------------------------
     def aggregate(self, global_state: State, uploads: list[Upload]) -> State:

@@ -73,7 +73,7 @@ class Simulation:
         """The server's first state and each client's first private weights, from seeds."""
         model, b = self.bundle.model, self.bundle
         reset_adapters(model, derive_seed(self.cfg.seed, "init", "global"))
-        global_state = get_state(model, b.shared_keys)
+        global_state = self.algorithm.init_server(get_state(model, b.shared_keys))
         clients = {}
         for c in range(self.num_clients):
             reset_adapters(model, derive_seed(self.cfg.seed, "init", "client", self.algorithm.private_init_key(c)))

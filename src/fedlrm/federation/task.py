@@ -172,7 +172,8 @@ def client_round(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, trai
     received = decode(message)
     load_client(bundle, algorithm, cfg, client_id, private, received)
     stats = train_locally(bundle.model, algorithm, train_set, received, cfg, round_index, client_id)
-    upload = encode(algorithm.upload(bundle.model, bundle.shared_keys))
+    upload = encode({**algorithm.upload(bundle.model, bundle.shared_keys),
+                     **algorithm.client_report(bundle.model, train_set)})
     return ClientResult(upload, get_state(bundle.model, bundle.private_keys), stats)
 
 

@@ -180,3 +180,20 @@ def plot_transport(path: Path, history) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_selection(path: Path, front, chosen, masks) -> None:
+    """F3OCUS: the last Pareto front with its chosen point, and who trains which block next."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(front[:, 0], front[:, 1], marker="o", linestyle="-", label="Pareto front (evaluated candidates)")
+    axes[0].scatter([chosen[0]], [chosen[1]], color="tab:red", zorder=3, s=60, label="chosen")
+    axes[0].set(xlabel="importance (mean summed NTK score)", ylabel="inter-client diversity", title="layer selection")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].imshow(masks, cmap="Blues", aspect="auto", vmin=0, vmax=1)
+    axes[1].set(xlabel="transformer block", ylabel="client", title="blocks each client trains next")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
