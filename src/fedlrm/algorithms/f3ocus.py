@@ -21,6 +21,7 @@ No public code exists; every choice above is ours and listed in the README.
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -50,7 +51,9 @@ def ntk_scores(model, images: torch.Tensor) -> torch.Tensor:
 
     params = {k: p.detach() for k, p in adapter_parameters(model).items()}
     model.eval()
-    jac = jacrev(lambda p: functional_call(model, p, (images,)))(params)  # name -> (n, K, *shape)
+    with warnings.catch_warnings():  # vmap over CPU attention's backward works, only without a fast rule
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        jac = jacrev(lambda p: functional_call(model, p, (images,)))(params)  # name -> (n, K, *shape)
     eig = []
     for b in blocks(params):
         J = torch.cat([jac[k].reshape(jac[k].shape[0] * jac[k].shape[1], -1) for k in params if block_of(k) == b],
