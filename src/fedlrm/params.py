@@ -27,9 +27,11 @@ class SyntheticEncoder(nn.Module):
 def count_model(root: nn.Module, targets: list[str], algorithm, target_layers=None) -> dict:
     inject_adapters(root, targets, algorithm.make_layer, target_layers)
     params = adapter_parameters(root)
+    shared = [k for k in params if algorithm.is_shared(k)]
     return {
         "trainable": sum(p.numel() for p in params.values()),
-        "uploaded": sum(p.numel() for k, p in params.items() if algorithm.is_shared(k)),
+        # what the algorithm's own upload holds on this model (before any layer selection)
+        "uploaded": sum(v.numel() for v in algorithm.upload(root, shared).values()),
         "full_finetune": adapted_weight_count(root),
     }
 
