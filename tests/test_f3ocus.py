@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedlrm.algorithms.f3ocus import F3OCUS, block_of, ntk_scores, objectives, select_layers
-from fedlrm.config import ModelConfig, load_config
+from fedlrm.config import load_config
 from fedlrm.experiment import run_experiment
 from fedlrm.federation.task import build_model
 from fedlrm.federation.wire import decode

@@ -11,7 +11,7 @@ from fedlrm.algorithms import Upload
 from fedlrm.algorithms.fedlease import FedLEASE, cluster_clients
 from fedlrm.config import load_config
 from fedlrm.data import ClientSplit, FederatedData, ImageSet
-from fedlrm.experiment import resume_experiment, run_experiment
+from fedlrm.experiment import run_experiment
 from fedlrm.federation.wire import decode
 
 
