@@ -28,7 +28,7 @@ import torch
 
 from fedlrm.adapters import AdaptedLinear, adapter_parameters, get_state, set_state
 from fedlrm.adapters.inject import BLOCK_INDEX
-from fedlrm.algorithms.base import Algorithm, State, weighted_mean
+from fedlrm.algorithms.base import Algorithm, State, Upload, weighted_mean
 from fedlrm.federation.seeding import derive_seed
 
 MASK, SCORES = "f3ocus.mask", "f3ocus.scores"
@@ -169,7 +169,7 @@ class F3OCUS(Algorithm):
         return AdaptedLinear(linear, {"global": self.expert(linear, self.cfg.adapter.rank)})
 
     # ----- server -----------------------------------------------------------------------
-    def select(self, state: State, scores: np.ndarray, round_index: int) -> State:
+    def select(self, scores: np.ndarray, round_index: int) -> State:
         f = self.cfg.f3ocus
         picked = select_layers(scores, f.budget, f.optimizer, f.population, f.generations,
                                derive_seed(self.cfg.seed, "f3ocus", round_index))
@@ -180,7 +180,7 @@ class F3OCUS(Algorithm):
 
     def init_server(self, server_state: State) -> State:
         n, L = self.cfg.data.num_clients, len(blocks(server_state))
-        return {**server_state, **self.select(server_state, np.full((n, L), 1.0 / L), 1)}
+        return {**server_state, **self.select(np.full((n, L), 1.0 / L), 1)}
 
     def message_for(self, client_id: int, server_state: State) -> State:
         message = super().message_for(client_id, server_state)
@@ -191,10 +191,10 @@ class F3OCUS(Algorithm):
         scores = server_state["server.scores"].numpy().copy()
         for u in uploads:
             scores[u.client_id] = u.state[SCORES].numpy()
-        weights = weighted_mean([type(u)(u.client_id, {k: v for k, v in u.state.items() if k != SCORES},
-                                         u.num_examples) for u in uploads])
+        weights = weighted_mean([Upload(u.client_id, {k: v for k, v in u.state.items() if k != SCORES},
+                                      u.num_examples) for u in uploads])
         next_round = 1 + sum(1 for k in server_state if k.startswith("server.chosen."))
-        return {**server_state, **weights, **self.select(server_state, scores, next_round)}
+        return {**server_state, **weights, **self.select(scores, next_round)}
 
     # ----- client -----------------------------------------------------------------------
     def receive(self, model, received: State) -> None:
