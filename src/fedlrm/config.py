@@ -109,6 +109,25 @@ class F3OCUSConfig:
 
 
 @dataclass
+class FederationConfig:
+    min_clients: int = 1  # a round aggregates only if at least this many valid uploads arrived
+    round_timeout: Optional[float] = None  # seconds a client may take to answer (Flower runtime); None: wait
+    max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this times the round's median; 0: off
+
+
+@dataclass
+class PrivacyConfig:
+    clip: float = 0.0  # L2 bound of what a client uploads, as a change to what it received; 0: no DP
+    noise_multiplier: float = 0.0  # the client adds Gaussian noise of std noise_multiplier * clip
+    delta: float = 1e-5  # the delta of the (epsilon, delta) reported in privacy.json
+    secagg: bool = False  # Flower runtime: aggregate with SecAgg+ (server sees only the sum)
+    secagg_shares: int = 3  # SecAgg+: shares each client's secret is split into
+    secagg_threshold: int = 2  # SecAgg+: shares needed to reconstruct
+    secagg_clip_range: float = 8.0  # SecAgg+: values are clipped to [-range, range] before quantisation
+    secagg_quantization_range: int = 4194304
+
+
+@dataclass
 class RunConfig:
     algorithm: str = "fedlrm"
     seed: int = 0
@@ -121,6 +140,8 @@ class RunConfig:
     fedlease: FedLEASEConfig = field(default_factory=FedLEASEConfig)
     fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
     f3ocus: F3OCUSConfig = field(default_factory=F3OCUSConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 CHOICES = {
@@ -136,7 +157,8 @@ CHOICES = {
 POSITIVE = ("adapter.rank", "adapter.local_rank", "data.num_clients", "train.rounds",
             "train.local_epochs", "train.batch_size", "train.eval_every", "train.eval_batch_size",
             "fedlease.warmup_rounds", "fedpia.max_iterations", "f3ocus.budget", "f3ocus.population",
-            "f3ocus.generations", "f3ocus.ntk_batch")
+            "f3ocus.generations", "f3ocus.ntk_batch", "federation.min_clients", "privacy.secagg_shares",
+            "privacy.secagg_threshold", "privacy.secagg_quantization_range")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -170,7 +192,7 @@ def _explain(err: OmegaConfBaseException, key: str) -> str:
     text = str(err).splitlines()[0]
     if "not in struct" in text or "Key '" in text and "not" in text:
         return (f"unknown config key {key!r}. Valid keys are listed by `fedlrm config` "
-                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*, fedpia.*, f3ocus.*)")
+                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*, fedpia.*, f3ocus.*, federation.*, privacy.*)")
     return f"bad value for {key!r}: {text}"
 
 
@@ -198,6 +220,20 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"fedpia.global_weight must be in [0, 1], got {cfg.fedpia.global_weight}")
     if cfg.fedlease.max_clusters < 2:
         raise ConfigError(f"fedlease.max_clusters must be at least 2, got {cfg.fedlease.max_clusters}")
+    if cfg.federation.round_timeout is not None and cfg.federation.round_timeout <= 0:
+        raise ConfigError(f"federation.round_timeout must be positive seconds or null, got {cfg.federation.round_timeout}")
+    if cfg.federation.max_norm_ratio < 0 or 0 < cfg.federation.max_norm_ratio <= 1:
+        raise ConfigError(f"federation.max_norm_ratio must be 0 (off) or above 1, got {cfg.federation.max_norm_ratio}")
+    p = cfg.privacy
+    if p.clip < 0 or p.noise_multiplier < 0:
+        raise ConfigError(f"privacy.clip and privacy.noise_multiplier must be >= 0, got {p.clip} and {p.noise_multiplier}")
+    if p.noise_multiplier > 0 and p.clip == 0:
+        raise ConfigError("privacy.noise_multiplier needs privacy.clip > 0: noise is scaled to the clipping bound")
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
+    if p.secagg_threshold > p.secagg_shares:
+        raise ConfigError(f"privacy.secagg_threshold ({p.secagg_threshold}) cannot exceed privacy.secagg_shares "
+                          f"({p.secagg_shares})")
     if "{}" not in cfg.model.prompt:
         raise ConfigError(f"model.prompt {cfg.model.prompt!r} needs a '{{}}' where the class name goes")
 

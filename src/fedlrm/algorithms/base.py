@@ -101,6 +101,10 @@ class Algorithm:
         """Statistics of its own data a client adds to its upload (e.g. layer scores); none by default."""
         return {}
 
+    def report_schema(self, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each tensor `client_report` adds, so the server can check uploads."""
+        return {}
+
     # ----- server side ------------------------------------------------------------------
     def aggregate(self, global_state: State, uploads: list[Upload]) -> State:
         """The new server state from this round's uploads (paper eq. 6 by default)."""

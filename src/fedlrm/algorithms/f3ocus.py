@@ -215,6 +215,9 @@ class F3OCUS(Algorithm):
         with torch.enable_grad():
             return {SCORES: ntk_scores(model, images.to(device)).float().cpu()}
 
+    def report_schema(self, model) -> dict:
+        return {SCORES: ((len(blocks(adapter_parameters(model))),), torch.float32)}
+
     # ----- records ----------------------------------------------------------------------
     def write_report(self, run_dir, server_state: State) -> None:
         from fedlrm.reporting import plot_selection

@@ -74,6 +74,15 @@ def load_client(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, clien
     algorithm.receive(bundle.model, received)
 
 
+def initial_private(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int) -> State:
+    """A client's private weights before its first round: a function of (run seed, client) only,
+    so every runtime and a client that lost its state start from the same ones."""
+    if bundle.layout != algorithm.layout({}):
+        adapt(bundle, algorithm, cfg, algorithm.layout({}))
+    reset_adapters(bundle.model, derive_seed(cfg.seed, "init", "client", algorithm.private_init_key(client_id)))
+    return get_state(bundle.model, bundle.private_keys)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,275 @@
+"""The server's side of a run, whatever carries the messages.
+
+`Server.run` is the round loop of every runtime: sample clients, send each its message,
+check and aggregate what comes back, have every client evaluate, record, checkpoint.
+How messages reach clients is a `Transport`: in-process calls (`simulation`) or Flower
+messages (`flower`). Neither the loop nor a transport knows which algorithm runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedlrm.adapters import get_state, reset_adapters
+from fedlrm.algorithms import Algorithm, State, Upload
+from fedlrm.config import RunConfig
+from fedlrm.errors import FedLRMError
+from fedlrm.federation import privacy
+from fedlrm.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlrm.federation.seeding import derive_seed, sample_clients
+from fedlrm.federation.task import ModelBundle, evaluate, personalize
+from fedlrm.federation.validation import (Rejection, expected_upload, norm_outliers, schema_problem,
+                                          update_norm)
+from fedlrm.federation.wire import decode, encode
+
+log = logging.getLogger("fedlrm.server")
+
+
+@dataclass
+class TrainReply:
+    """A client's answer to a training message."""
+
+    client: int
+    upload: bytes
+    num_examples: int
+    train_loss: float | None = None
+    train_seconds: float = 0.0
+
+
+@dataclass
+class EvalReply:
+    client: int
+    accuracy: float
+    loss: float
+    n_test: int
+    n_train: int
+    seconds: float = 0.0
+
+
+@dataclass
+class Message:
+    """One transfer between server and a client, as it crossed."""
+
+    round: int
+    client: int
+    direction: str  # "down" (server to client) or "up"
+    payload: bytes
+
+    @property
+    def keys(self) -> list[str]:
+        return list(decode(self.payload))
+
+
+class Transport(Protocol):
+    """Carries the server's messages to clients and brings back their answers.
+
+    A client that fails or does not answer in time is simply absent from the result."""
+
+    def train(self, round_index: int, messages: dict[int, bytes]) -> dict[int, TrainReply]: ...
+
+    def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]: ...
+
+    def private_states(self) -> dict[int, State]:
+        """Client-held state to put in the server's checkpoint ({} where clients keep their own)."""
+        ...
+
+    def restore(self, private: dict[int, State]) -> None: ...
+
+
+class RoundFailed(FedLRMError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None
+    client_rows: list[dict]
+    round_rows: list[dict]
+    summary: dict
+    global_state: dict
+    client_states: dict
+    messages: list[Message] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+class Server:
+    def __init__(self, cfg: RunConfig, algorithm: Algorithm, bundle: ModelBundle, num_clients: int,
+                 global_test=None, progress: bool = True):
+        self.cfg, self.algorithm, self.bundle = cfg, algorithm, bundle
+        self.num_clients = num_clients
+        self.global_test = global_test
+        self.progress = progress
+        self.max_upload_params = 0
+        self.rejections: list[Rejection] = []
+
+    def initial_state(self) -> State:
+        reset_adapters(self.bundle.model, derive_seed(self.cfg.seed, "init", "global"))
+        return self.algorithm.init_server(get_state(self.bundle.model, self.bundle.shared_keys))
+
+    # ------------------------------------------------------------------ checks and aggregation
+    def accept(self, round_index: int, sent: dict[int, bytes], replies: dict[int, TrainReply]) -> list[Upload]:
+        """The uploads that pass every check; the others are logged and recorded as rejections."""
+        candidates, norms = {}, {}
+        for c, reply in sorted(replies.items()):
+            message = decode(sent[c])
+            try:
+                upload = decode(reply.upload)
+            except Exception as err:  # a corrupt payload is a bad update like any other
+                self._reject(round_index, c, f"payload cannot be decoded ({err})")
+                continue
+            schema = expected_upload(self.bundle, self.algorithm, self.cfg, c, message)
+            problem = schema_problem(schema, upload)
+            if problem is None and reply.num_examples <= 0:
+                problem = f"claims {reply.num_examples} training examples"
+            if problem:
+                self._reject(round_index, c, problem)
+                continue
+            trained = schema.keys() - self.algorithm.report_schema(self.bundle.model).keys()
+            norms[c] = update_norm(upload, message, trained)
+            candidates[c] = Upload(c, upload, reply.num_examples)
+        for c, reason in norm_outliers(norms, self.cfg.federation.max_norm_ratio).items():
+            self._reject(round_index, c, reason)
+            candidates.pop(c)
+        return list(candidates.values())
+
+    def _reject(self, round_index: int, client: int, reason: str) -> None:
+        log.warning("round %d: rejected the upload of client %d: %s", round_index, client, reason)
+        self.rejections.append(Rejection(round_index, client, reason))
+
+    def aggregate(self, round_index: int, global_state: State, uploads: list[Upload]) -> State:
+        needed = self.cfg.federation.min_clients
+        if len(uploads) < needed:
+            raise RoundFailed(
+                f"round {round_index}: only {len(uploads)} valid upload(s) arrived, fewer than "
+                f"federation.min_clients={needed}; the last checkpoint keeps the state of round "
+                f"{round_index - 1}. Bring clients back and resume the run, or lower federation.min_clients.")
+        return self.algorithm.aggregate(global_state, uploads) if uploads else global_state
+
+    # ------------------------------------------------------------------ the round loop
+    def run(self, transport: Transport, run_dir: Path | None = None, resume: bool = False,
+            stop_after_round: int | None = None) -> RunResult:
+        """Run (or continue) the federation; with a run_dir, checkpoint after every round.
+
+        `stop_after_round` ends the run early as an interruption would (for tests)."""
+        cfg, algo = self.cfg, self.algorithm
+        global_state = self.initial_state()
+        client_rows: list[dict] = []
+        round_rows: list[dict] = []
+        start = 1 if algo.trains else 0
+        last = cfg.train.rounds if algo.trains else 0
+        if resume and run_dir is not None and (ckpt := load_checkpoint(run_dir)) is not None:
+            global_state, client_rows, round_rows = ckpt.global_state, ckpt.client_rows, ckpt.round_rows
+            transport.restore(ckpt.clients)
+            start = ckpt.round + 1
+        if run_dir is not None and privacy.enabled(cfg.privacy):
+            privacy.write_privacy_report(run_dir, cfg.privacy, cfg.train.rounds)
+        messages: list[Message] = []
+        bar = tqdm(range(start, last + 1), desc=f"{algo.name} rounds", disable=not self.progress, unit="round")
+        for r in bar:
+            t0 = time.perf_counter()
+            sampled = sample_clients(cfg.seed, r, self.num_clients, cfg.train.client_fraction) if r else []
+            sent = {c: encode(algo.message_for(c, global_state)) for c in sampled}
+            replies = transport.train(r, sent) if sent else {}
+            for c, reply in replies.items():
+                messages += [Message(r, c, "down", sent[c]), Message(r, c, "up", reply.upload)]
+            for c in sorted(set(sent) - set(replies)):
+                log.warning("round %d: client %d did not answer (crashed, left or timed out); "
+                            "the round goes on without it", r, c)
+            rejected_before = len(self.rejections)
+            uploads = self.accept(r, sent, replies)
+            for u in uploads:
+                self.max_upload_params = max(self.max_upload_params, sum(v.numel() for v in u.state.values()))
+            if sampled:
+                global_state = self.aggregate(r, global_state, uploads)
+            train_seconds = time.perf_counter() - t0
+            rows = []
+            if r == last or r % cfg.train.eval_every == 0:
+                evals = transport.evaluate(r, {c: encode(algo.message_for(c, global_state))
+                                               for c in range(self.num_clients)})
+                rows = self._client_rows(r, evals, sent, replies)
+            client_rows += rows
+            round_row = {"round": r, "clients_sampled": len(sampled), "clients_answered": len(replies),
+                         "clients_rejected": len(self.rejections) - rejected_before,
+                         "bytes_up": sum(len(x.upload) for x in replies.values()),
+                         "bytes_down": sum(len(sent[c]) for c in replies),
+                         "train_seconds": train_seconds}
+            if rows:
+                round_row.update(client_accuracy_stats(rows))
+                bar.set_postfix(acc=f"{round_row['acc_weighted']:.4f}")
+            if r == last:
+                round_row.update(self.evaluate_global(global_state))
+            round_row["wall_seconds"] = time.perf_counter() - t0
+            round_rows.append(round_row)
+            if run_dir is not None:
+                save_checkpoint(run_dir, Checkpoint(r, global_state, transport.private_states(), client_rows,
+                                                    round_rows))
+                self.write_rejections(run_dir)
+            if stop_after_round is not None and r >= stop_after_round:
+                break
+        bar.close()
+        return RunResult(run_dir, client_rows, round_rows, self.summarize(client_rows, round_rows), global_state,
+                         transport.private_states(), messages, list(self.rejections))
+
+    def _client_rows(self, r, evals: dict[int, EvalReply], sent, replies) -> list[dict]:
+        rows = []
+        for c, e in sorted(evals.items()):
+            reply = replies.get(c)
+            rows.append({
+                "round": r, "client": c, "sampled": reply is not None,
+                "accuracy": e.accuracy, "loss": e.loss, "n_test": e.n_test, "n_train": e.n_train,
+                "train_loss": reply.train_loss if reply else None,
+                "train_seconds": reply.train_seconds if reply else 0.0,
+                "bytes_up": len(reply.upload) if reply else 0,
+                "bytes_down": len(sent[c]) if reply else 0,
+                "eval_seconds": e.seconds,
+            })
+        return rows
+
+    def evaluate_global(self, global_state: State) -> dict:
+        if not self.algorithm.has_global_model or self.global_test is None:
+            return {}
+        model = personalize(self.bundle, self.algorithm, self.cfg, 0, {}, global_state)
+        with self.algorithm.global_view(model):
+            result = evaluate(model, self.global_test, self.cfg.train.eval_batch_size, self.cfg.train)
+        return {"global_accuracy": result["accuracy"], "global_loss": result["loss"]}
+
+    def write_rejections(self, run_dir: Path) -> None:
+        if self.rejections:
+            (run_dir / "rejected_updates.json").write_text(json.dumps(
+                [{"round": x.round, "client": x.client, "reason": x.reason} for x in self.rejections], indent=2))
+
+    def summarize(self, client_rows: list[dict], round_rows: list[dict]) -> dict:
+        last_round = max((row["round"] for row in client_rows), default=None)
+        final = [row for row in client_rows if row["round"] == last_round]
+        participations = sum(row.get("clients_answered", row["clients_sampled"]) for row in round_rows)
+        up = sum(row["bytes_up"] for row in round_rows)
+        down = sum(row["bytes_down"] for row in round_rows)
+        params = sum(v.numel() for v in get_state(self.bundle.model).values())
+        return {
+            "algorithm": self.algorithm.name,
+            "rounds": last_round,
+            **(client_accuracy_stats(final) if final else {}),
+            "per_client_accuracy": {row["client"]: row["accuracy"] for row in final},
+            "global_accuracy": round_rows[-1].get("global_accuracy") if round_rows else None,
+            "mb_up_per_client_round": up / participations / 1e6 if participations else 0.0,
+            "mb_down_per_client_round": down / participations / 1e6 if participations else 0.0,
+            "wall_seconds": sum(row["wall_seconds"] for row in round_rows),
+            "trainable": params,
+            "uploaded": self.max_upload_params,
+            "rejected_updates": len(self.rejections),
+        }
+
+
+def client_accuracy_stats(rows: list[dict]) -> dict:
+    acc = np.array([row["accuracy"] for row in rows], dtype=float)
+    n = np.array([row["n_test"] for row in rows], dtype=float)
+    return {"acc_weighted": float((acc * n).sum() / n.sum()), "acc_mean": float(acc.mean()),
+            "acc_std": float(acc.std())}
