@@ -1,0 +1,54 @@
+"""How fedlrm's messages travel inside Flower messages.
+
+A message carries the algorithm's tensors as an `ArrayRecord` ("state") and the rest as a
+`ConfigRecord` ("fedlrm"): the round, the client (partition) it is meant for, the run's
+key and the whole run configuration, so a SuperNode needs nothing but its data to take
+part. Replies carry the client's tensors as "state" and figures as a `MetricRecord`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedlrm.algorithms import State
+from fedlrm.config import RunConfig, from_dict, to_dict
+from fedlrm.federation.wire import decode, encode
+
+STATE, META, METRICS, INFO = "state", "fedlrm", "metrics", "info"
+
+
+def pack_state(payload: bytes) -> ArrayRecord:
+    state = decode(payload)
+    return ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in state.items()}) if state else ArrayRecord()
+
+
+def unpack_state(record: ArrayRecord | None) -> bytes:
+    """The wire bytes of a record's tensors, so both runtimes count and check the same thing."""
+    if record is None or len(record) == 0:
+        return b""
+    return encode(dict(record.to_torch_state_dict()))
+
+
+def request(payload: bytes, *, round_index: int, client: int, run_key: str, cfg: RunConfig,
+            final: bool = False) -> RecordDict:
+    meta = ConfigRecord({"round": round_index, "client": client, "run-key": run_key,
+                         "run-config": json.dumps(to_dict(cfg)), "final": final})
+    return RecordDict({STATE: pack_state(payload), META: meta})
+
+
+def read_request(message: Message) -> tuple[dict, RunConfig, bytes]:
+    meta = message.content[META]
+    cfg = from_dict(json.loads(str(meta["run-config"])))
+    return dict(meta), cfg, unpack_state(message.content.get(STATE))
+
+
+def reply(message: Message, upload: State | None = None, **metrics: float) -> Message:
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    content = RecordDict({METRICS: MetricRecord(numbers), INFO: ConfigRecord(texts)})
+    if upload is not None:
+        content[STATE] = ArrayRecord(torch_state_dict=upload) if upload else ArrayRecord()
+    return Message(content, reply_to=message)

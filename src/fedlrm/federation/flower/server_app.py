@@ -1,0 +1,203 @@
+"""The Flower ServerApp: fedlrm's `Server` with Flower's Grid as its transport.
+
+The round loop, the checks on uploads, aggregation and checkpoints are those of the
+in-process runtime (`fedlrm.federation.server`); only the way messages reach clients
+differs. The run configuration (`[tool.flwr.app.config]` of the Flower app, overridden with
+`flwr run --run-config`) names a fedlrm config file and dotted overrides, a run to resume,
+and how long to wait for SuperNodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+import uuid
+from pathlib import Path
+
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedlrm.algorithms import get_algorithm
+from fedlrm.config import RunConfig, load_config
+from fedlrm.data import load_federated_data
+from fedlrm.errors import FedLRMError
+from fedlrm.federation.flower.client_app import digest
+from fedlrm.federation.flower.protocol import INFO, METRICS, STATE, request, unpack_state
+from fedlrm.federation.server import EvalReply, Server, TrainReply
+from fedlrm.federation.simulation import new_run_dir, write_config
+from fedlrm.federation.task import build_model, resolve_device
+from fedlrm.federation.wire import decode
+from fedlrm.models import load_backbone
+
+app = ServerApp()
+log = logging.getLogger("fedlrm.server")
+DEFAULT_ROUND_TIMEOUT = 3600.0  # seconds; a dead SuperNode must not stall a run forever
+POLL_SECONDS = 0.2
+
+
+class FlowerTransport:
+    """Sends each client's message to the SuperNode serving that client, through the Grid."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_key: str, run_dir: Path, node_wait: float,
+                 wait_for: int):
+        self.grid, self.cfg, self.run_key = grid, cfg, run_key
+        self.timeout = cfg.federation.round_timeout or DEFAULT_ROUND_TIMEOUT
+        self.client_of_node: dict[int, int] = {}
+        self.log_path = run_dir / "messages.jsonl"
+        self.last_round = cfg.train.rounds
+        self.wait_for_nodes(node_wait, wait_for)
+
+    # ----- which SuperNode serves which client
+    def nodes(self) -> dict[int, int]:
+        """client -> node id of the SuperNodes connected now; new nodes are asked who they are."""
+        live = set(self.grid.get_node_ids())
+        self.client_of_node = {n: c for n, c in self.client_of_node.items() if n in live}
+        unknown = sorted(live - set(self.client_of_node))
+        if unknown:
+            probes = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            for answer in self.exchange(probes, min(self.timeout, 60.0)):
+                if answer.has_error():
+                    log.warning("SuperNode %d did not say which client it is: %s", answer.metadata.src_node_id,
+                                answer.error.reason)
+                    continue
+                self.client_of_node[answer.metadata.src_node_id] = int(answer.content[METRICS]["client"])
+        clients: dict[int, int] = {}
+        for node, client in sorted(self.client_of_node.items()):
+            if client in clients:
+                log.warning("SuperNodes %d and %d both serve client %d; using %d", clients[client], node, client,
+                            node)
+            clients[client] = node
+        return clients
+
+    def wait_for_nodes(self, seconds: float, count: int) -> None:
+        deadline = time.monotonic() + seconds
+        while len(self.nodes()) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        found = sorted(self.nodes())
+        log.info("SuperNodes serve clients %s (waited for %d)", found, count)
+
+    # ----- messaging
+    def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Push messages and pull replies until all came back or `timeout` seconds passed."""
+        pending = {m for m in self.grid.push_messages(messages) if m}
+        replies: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return replies
+
+    def send(self, kind: str, round_index: int, payloads: dict[int, bytes]) -> dict[int, Message]:
+        clients = self.nodes()
+        absent = sorted(set(payloads) - set(clients))
+        if absent:
+            log.warning("round %d: no SuperNode serves client(s) %s now", round_index, absent)
+        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        final = kind == "evaluate" and round_index == self.last_round
+        outgoing = [Message(request(payloads[c], round_index=round_index, client=c, run_key=self.run_key,
+                                    cfg=self.cfg, final=final),
+                            dst_node_id=clients[c], message_type=message_type, group_id=f"{kind}-{round_index}")
+                    for c in sorted(payloads) if c in clients]
+        answers: dict[int, Message] = {}
+        node_client = {clients[c]: c for c in clients}
+        for answer in self.exchange(outgoing, self.timeout):
+            client = node_client.get(answer.metadata.src_node_id)
+            if answer.has_error():
+                log.warning("round %d: client %s failed to %s: %s", round_index, client, kind, answer.error.reason)
+            elif client is not None:
+                answers[client] = answer
+        late = sorted(set(payloads) - set(answers) - set(absent))
+        if late:
+            log.warning("round %d: client(s) %s did not %s in time (federation.round_timeout=%s s) or failed",
+                        round_index, late, kind, self.timeout)
+        self.record(kind, round_index, payloads, answers)
+        return answers
+
+    def train(self, round_index: int, messages: dict[int, bytes]) -> dict[int, TrainReply]:
+        out = {}
+        for c, answer in self.send("train", round_index, messages).items():
+            m = answer.content[METRICS]
+            out[c] = TrainReply(c, unpack_state(answer.content.get(STATE)), int(m["num_examples"]),
+                                m.get("train_loss"), float(m.get("train_seconds", 0.0)))
+        return out
+
+    def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]:
+        out = {}
+        for c, answer in self.send("evaluate", round_index, messages).items():
+            m = answer.content[METRICS]
+            out[c] = EvalReply(c, float(m["accuracy"]), float(m["loss"]), int(m["n_test"]), int(m["n_train"]),
+                               float(m.get("eval_seconds", 0.0)))
+        return out
+
+    def private_states(self) -> dict:
+        return {}  # clients keep their own, on their own disks
+
+    def restore(self, private) -> None:
+        pass
+
+    def record(self, kind: str, round_index: int, payloads: dict[int, bytes], answers: dict[int, Message]) -> None:
+        """What crossed, per message: tensor names, shapes and bytes (inspected by tests and audits)."""
+        with self.log_path.open("a") as f:
+            for c, payload in sorted(payloads.items()):
+                f.write(json.dumps(describe(round_index, c, "down", kind, payload)) + "\n")
+                if c in answers:
+                    up = unpack_state(answers[c].content.get(STATE))
+                    row = describe(round_index, c, "up", kind, up)
+                    row["metrics"] = dict(answers[c].content[METRICS])
+                    row["info"] = dict(answers[c].content.get(INFO, {}))
+                    f.write(json.dumps(row) + "\n")
+
+
+def describe(round_index: int, client: int, direction: str, kind: str, payload: bytes) -> dict:
+    state = decode(payload)
+    return {"round": round_index, "client": client, "direction": direction, "kind": kind, "bytes": len(payload),
+            "digest": digest(payload), "tensors": {k: list(v.shape) for k, v in state.items()}}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call drowns the run's own log
+    rc = dict(context.run_config)
+    resume = str(rc.get("resume", "") or "")
+    if resume:
+        run_dir = Path(resume).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise FedLRMError(f"resume={resume} is not a run directory (it has no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+        run_key = (run_dir / "run_key").read_text().strip()
+    else:
+        cfg = load_config(str(rc.get("config-file", "") or "") or None, shlex.split(str(rc.get("overrides", ""))))
+        if not Path(cfg.output_dir).expanduser().is_absolute():
+            cfg.output_dir = str(Path.home() / "fedlrm-runs" / cfg.output_dir)
+    if cfg.privacy.secagg:
+        raise FedLRMError("privacy.secagg is not available on this runtime yet; run without it")
+    backbone = load_backbone(cfg.model)
+    global_test, class_names = None, None
+    if rc.get("global-eval", True):
+        data = load_federated_data(cfg.data, backbone.preprocess, cfg.seed)
+        global_test, class_names = data.global_test, data.class_names
+    algorithm = get_algorithm(cfg)
+    bundle = build_model(backbone, class_names or [f"class {i}" for i in range(2)], cfg, algorithm)
+    bundle.model.to(resolve_device(cfg.train.device))
+    if not resume:
+        run_dir = new_run_dir(cfg)
+        write_config(run_dir, cfg)
+        run_key = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+        (run_dir / "run_key").write_text(run_key)
+    log.info("run directory: %s", run_dir)
+    server = Server(cfg, algorithm, bundle, cfg.data.num_clients, global_test, progress=False)
+    wait_for = int(rc.get("wait-for-clients", 0) or cfg.data.num_clients)
+    transport = FlowerTransport(grid, cfg, run_key, run_dir, float(rc.get("node-wait-timeout", 120.0)), wait_for)
+    result = server.run(transport, run_dir, resume=bool(resume))
+    from fedlrm.reporting import write_run_report
+
+    write_run_report(run_dir, result, cfg.algorithm)
+    if algorithm.trains:
+        algorithm.write_report(run_dir, result.global_state)
+    log.info("finished: %s", json.dumps({k: v for k, v in result.summary.items() if k != "per_client_accuracy"}))
