@@ -35,7 +35,7 @@ from fedlrm.config import RunConfig, to_dict
 from fedlrm.data import ClientSplit, ImageSet, load_federated_data
 from fedlrm.errors import DataError, FedLRMError
 from fedlrm.federation.client import Client
-from fedlrm.federation.flower.protocol import read_request, reply
+from fedlrm.federation.flower.protocol import digest, read_request, reply
 from fedlrm.federation.task import build_model, resolve_device
 from fedlrm.federation.wire import decode
 from fedlrm.models import load_backbone
@@ -80,10 +80,6 @@ def client_id_of(node_config) -> int:
         return int(node_config["client-id"])
     raise DataError("this SuperNode's node config names neither `partition-id` (with `num-partitions`) nor "
                     "`client-id` (with `data-dir`); start it with e.g. --node-config 'partition-id=0 num-partitions=3'")
-
-
-def digest(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()[:16]
 
 
 class NodeClient:

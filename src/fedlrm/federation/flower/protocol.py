@@ -8,6 +8,7 @@ part. Replies carry the client's tensors as "state" and figures as a `MetricReco
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -52,3 +53,8 @@ def reply(message: Message, upload: State | None = None, **metrics: float) -> Me
     if upload is not None:
         content[STATE] = ArrayRecord(torch_state_dict=upload) if upload else ArrayRecord()
     return Message(content, reply_to=message)
+
+
+def digest(payload: bytes) -> str:
+    """A short fingerprint of a payload, so both ends can show they saw the same bytes."""
+    return hashlib.sha256(payload).hexdigest()[:16]

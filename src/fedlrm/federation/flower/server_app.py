@@ -23,8 +23,7 @@ from fedlrm.algorithms import get_algorithm
 from fedlrm.config import RunConfig, load_config
 from fedlrm.data import load_federated_data
 from fedlrm.errors import FedLRMError
-from fedlrm.federation.flower.client_app import digest
-from fedlrm.federation.flower.protocol import INFO, METRICS, STATE, request, unpack_state
+from fedlrm.federation.flower.protocol import INFO, METRICS, STATE, digest, request, unpack_state
 from fedlrm.federation.server import EvalReply, Server, TrainReply
 from fedlrm.federation.simulation import new_run_dir, write_config
 from fedlrm.federation.task import build_model, resolve_device
