@@ -12,6 +12,10 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Flower must not install packages, look for updates or send telemetry (no network here).
+for _flag, _value in (("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                      ("FLWR_TELEMETRY_ENABLED", "0")):
+    os.environ.setdefault(_flag, _value)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 CLASSES = ["red", "green", "blue", "yellow", "white", "black"]

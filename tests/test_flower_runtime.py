@@ -1,0 +1,152 @@
+"""The federation on Flower's deployment runtime: a SuperLink and SuperNodes on 127.0.0.1.
+
+Each test starts its own deployment and, through the context manager, ends every process
+it started by its PID, also when the test fails; each then checks no PID is left alive.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedlrm.config import load_config
+from fedlrm.experiment import run_experiment
+from fedlrm.federation.flower.deploy import LocalDeployment, pid_alive
+
+pytestmark = pytest.mark.flower
+APP = Path(__file__).resolve().parents[1] / "flower-app"
+NODES = 3
+
+
+def node_configs(tmp_path, n=NODES):
+    return [{"partition-id": i, "num-partitions": n, "state-dir": str(tmp_path / f"node{i}")} for i in range(n)]
+
+
+def flower_run_config(overrides: list[str], **extra) -> dict:
+    return {"overrides": " ".join(overrides), "node-wait-timeout": 90.0, **extra}
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "messages.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def assert_all_ended(pids):
+    alive = [p for p in pids if pid_alive(p)]
+    assert not alive, f"processes still alive after the deployment closed: {alive}"
+
+
+def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home(tiny_overrides, tmp_path):
+    overrides = tiny_overrides + ["algorithm=fedlrm", "train.rounds=2", f"output_dir={tmp_path / 'runs'}"]
+    started = []
+    with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path), tls=True, auth=True) as dep:
+        started += dep.spawned_pids()
+        with pytest.raises(Exception):  # the SuperLink speaks TLS only
+            urllib.request.urlopen(f"http://{dep.address}/", timeout=5)
+        result = dep.run(APP, flower_run_config(overrides + ["name=flower"]), timeout=900)
+        started += dep.spawned_pids()
+        assert result.ok, result.logs[-4000:]
+    assert_all_ended(started)
+
+    flower = json.loads((tmp_path / "runs" / "flower" / "summary.json").read_text())
+    local = run_experiment(load_config(None, overrides + ["name=in-process"]), progress=False).summary
+    assert flower["per_client_accuracy"].keys() == {str(c) for c in range(NODES)}
+    for c, acc in local["per_client_accuracy"].items():
+        assert flower["per_client_accuracy"][str(c)] == pytest.approx(acc, abs=1e-6)
+    assert flower["global_accuracy"] == pytest.approx(local["global_accuracy"], abs=1e-6)
+
+    crossed = records(tmp_path / "runs" / "flower")
+    assert {(r["kind"], r["direction"]) for r in crossed} == {(k, d) for k in ("train", "evaluate") for d in ("up", "down")}
+    for r in crossed:
+        for key, shape in r["tensors"].items():
+            assert ".experts.global." in key, f"{key} crossed the network ({r['kind']} {r['direction']})"
+            assert len(shape) == 2 and min(shape) <= 4, f"{key} of shape {shape} is not a rank-4 LoRA factor"
+    uploads = [r for r in crossed if r["direction"] == "up" and r["kind"] == "train"]
+    assert len(uploads) == 2 * NODES and all(r["bytes"] > 0 for r in uploads)
+
+
+def test_crashed_and_frozen_clients_are_left_out_and_rejoin_with_the_current_state(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "runs" / "faults"
+    overrides = tiny_overrides + ["algorithm=fedavg", "train.rounds=4", f"output_dir={tmp_path / 'runs'}",
+                                  "name=faults", "federation.min_clients=1", "federation.round_timeout=40"]
+    started = []
+    with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
+        started += dep.spawned_pids()
+        run_id = dep.submit(APP, flower_run_config(overrides))
+        # After round 1's training: client 1 crashes, client 2 hangs (it will miss the time limit).
+        wait_until(lambda: sum(r["direction"] == "up" and r["round"] == 1 for r in records(run_dir)) >= NODES,
+                   300, "round 1 uploads")
+        dep.kill_supernode(1)
+        dep.signal_supernode(2, signal.SIGSTOP)
+        wait_until(lambda: any(r["round"] == 2 and r["kind"] == "train" for r in records(run_dir)), 300,
+                   "round 2 to end without the two clients")
+        started += dep.spawned_pids()
+        dep.start_supernode(1)  # rejoins
+        dep.restart_supernode(2)  # the hung one is killed and comes back
+        started += dep.spawned_pids()
+        info = dep.wait(run_id, timeout=900)
+        logs = dep.logs(run_id)
+        assert str(info["status"]) == "finished:completed", logs[-4000:]
+    assert_all_ended(started)
+
+    rounds = {int(r["round"]): r for r in csv_rows(run_dir / "rounds.csv")}
+    assert rounds[2]["clients_answered"] == "1"
+    assert rounds[4]["clients_answered"] == str(NODES)
+    assert "did not train in time" in logs
+    crossed = records(run_dir)
+    for client in (1, 2):
+        last = max(r["round"] for r in crossed if r["client"] == client and r["direction"] == "up"
+                   and r["kind"] == "train")
+        down = next(r for r in crossed if (r["round"], r["client"], r["kind"], r["direction"]) ==
+                    (last, client, "train", "down"))
+        up = next(r for r in crossed if (r["round"], r["client"], r["kind"], r["direction"]) ==
+                  (last, client, "train", "up"))
+        assert last >= 3 and up["info"]["received_digest"] == down["digest"]
+        others = [r["digest"] for r in crossed if (r["round"], r["kind"], r["direction"]) == (last, "train", "down")]
+        assert len(set(others)) == 1  # every client of the round got the same, current, global state
+
+
+def test_a_killed_server_resumes_from_its_checkpoint_to_the_uninterrupted_result(tiny_overrides, tmp_path):
+    run_dir = tmp_path / "runs" / "resumed"
+    overrides = tiny_overrides + ["algorithm=fedlrm", "train.rounds=3", f"output_dir={tmp_path / 'runs'}"]
+    started = []
+    with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
+        started += dep.spawned_pids()
+        run_id = dep.submit(APP, flower_run_config(overrides + ["name=resumed"]))
+        wait_until(lambda: (run_dir / "checkpoint" / "state.json").is_file(), 600, "the first checkpoint")
+        started += dep.spawned_pids()
+        dep.kill_serverapp()
+        killed = dep.wait(run_id, timeout=120)
+        assert str(killed["status"]).startswith("finished") and not str(killed["status"]).endswith("completed")
+        done = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
+        assert done < 3
+        result = dep.run(APP, {"resume": str(run_dir), "node-wait-timeout": 90.0}, timeout=900)
+        started += dep.spawned_pids()
+        assert result.ok, result.logs[-4000:]
+    assert_all_ended(started)
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    local = run_experiment(load_config(None, overrides + ["name=uninterrupted"]), progress=False).summary
+    for c, acc in local["per_client_accuracy"].items():
+        assert resumed["per_client_accuracy"][str(c)] == pytest.approx(acc, abs=1e-6)
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
