@@ -63,10 +63,10 @@ class FlowerTransport:
                     continue
                 self.client_of_node[answer.metadata.src_node_id] = int(answer.content[METRICS]["client"])
         clients: dict[int, int] = {}
-        for node, client in sorted(self.client_of_node.items()):
+        for node, client in self.client_of_node.items():  # in order of discovery: the newest node wins
             if client in clients:
-                log.warning("SuperNodes %d and %d both serve client %d; using %d", clients[client], node, client,
-                            node)
+                log.info("SuperNodes %d and %d both serve client %d; using the newer, %d", clients[client], node,
+                         client, node)
             clients[client] = node
         return clients
 
