@@ -1,4 +1,4 @@
-"""The `fedlrm` command: run, compare, params, pretrain, config."""
+"""The `fedlrm` command: run, compare, flower, params, pretrain, config."""
 
 from __future__ import annotations
 
@@ -39,6 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     every = ",".join(ALGORITHMS)
     cmp.add_argument("--algorithms", default=every, help=f"comma-separated (default: all, {every})")
     cmp.set_defaults(func=cmd_compare)
+
+    flower = sub.add_parser("flower", help="run on a local Flower deployment: a SuperLink and one SuperNode "
+                                           "per client on 127.0.0.1, stopped when the run ends")
+    _config_args(flower)
+    flower.add_argument("--tls", action="store_true", help="serve the SuperLink over TLS (test certificates)")
+    flower.add_argument("--auth", action="store_true", help="authenticate SuperNodes (implies --tls)")
+    flower.add_argument("--work-dir", help="where the deployment keeps logs, keys and client state "
+                                           "(default: a new temporary folder)")
+    flower.add_argument("--timeout", type=float, default=24 * 3600, help="give up on the run after this many s")
+    flower.set_defaults(func=cmd_flower)
 
     params = sub.add_parser("params", help="count trainable, uploaded and full-fine-tuning parameters")
     _config_args(params)
@@ -95,6 +105,47 @@ def cmd_compare(args) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     out, _ = compare(cfg, algorithms, progress=not args.no_progress)
     print(f"results: {out / 'compare.md'}, {out / 'compare.png'}  (wall time {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_flower(args) -> int:
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from fedlrm.config import load_config
+    from fedlrm.federation.flower.deploy import LocalDeployment
+    from fedlrm.reporting import print_table
+
+    for flag, value in (("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                        ("FLWR_TELEMETRY_ENABLED", "0")):
+        os.environ.setdefault(flag, value)
+    cfg = load_config(args.config, args.overrides)  # fail here, before any process starts
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedlrm-flower-")).resolve()
+    config_file = work / "fedlrm.yaml"
+    work.mkdir(parents=True, exist_ok=True)
+    from fedlrm.config import to_yaml
+
+    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    config_file.write_text(to_yaml(cfg))
+    n = cfg.data.num_clients
+    nodes = [{"partition-id": i, "num-partitions": n, "state-dir": str(work / f"client{i}")} for i in range(n)]
+    app = Path(__file__).resolve().parents[2] / "flower-app"
+    if not (app / "pyproject.toml").is_file():
+        raise FedLRMError(f"the Flower app folder {app} is missing; run from a fedlrm source checkout")
+    start = time.perf_counter()
+    print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'logs'})", flush=True)
+    with LocalDeployment(work / "deployment", n, nodes, tls=args.tls or args.auth, auth=args.auth) as dep:
+        result = dep.run(app, {"config-file": str(config_file)}, timeout=args.timeout)
+    print(result.logs[-4000:] if not result.ok else "", end="")
+    if not result.ok:
+        raise FedLRMError(f"the Flower run ended {result.status}: {result.details}; logs are in {work}")
+    run_dir = next(line.split("run directory: ", 1)[1].strip() for line in result.logs.splitlines()
+                   if "run directory: " in line)
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    print_table([summary], f"{summary['method']} on Flower: final round")
+    print(f"run directory: {run_dir}  ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
