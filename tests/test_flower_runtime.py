@@ -165,3 +165,36 @@ def csv_rows(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))
 
+
+
+def test_secure_aggregation_gives_the_server_only_the_mean_and_matches_plain_averaging(tiny_overrides, tmp_path):
+    from safetensors.torch import load_file
+
+    overrides = tiny_overrides + ["algorithm=fedavg", "train.rounds=2", f"output_dir={tmp_path / 'runs'}"]
+    started = []
+    with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
+        started += dep.spawned_pids()
+        result = dep.run(APP, flower_run_config(overrides + ["name=secagg", "privacy.secagg=true"]), timeout=900)
+        started += dep.spawned_pids()
+        assert result.ok, result.logs[-4000:]
+    assert_all_ended(started)
+    run_dir = tmp_path / "runs" / "secagg"
+    crossed = records(run_dir)
+    assert {r["kind"] for r in crossed} == {"secure-train", "evaluate"}
+    ups = [r for r in crossed if r["kind"] == "secure-train" and r["direction"] == "up"]
+    assert [r["contributors"] for r in ups] == [NODES, NODES] and all("client" not in r for r in ups)
+    plain = run_experiment(load_config(None, overrides + ["name=plain"]), progress=False)
+    secure = load_file(run_dir / "checkpoint" / "global.safetensors")
+    assert secure.keys() == plain.global_state.keys()
+    for key, value in plain.global_state.items():  # SecAgg+ quantises: equal up to its resolution
+        assert (secure[key] - value).abs().max().item() < 1e-3, key
+
+
+def test_secure_aggregation_is_refused_where_it_cannot_work(tiny_overrides):
+    from fedlrm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs each upload"):
+        load_config(None, tiny_overrides + ["algorithm=fedpia", "privacy.secagg=true"])
+    with pytest.raises(ConfigError, match="needs the Flower runtime"):
+        run_experiment(load_config(None, tiny_overrides + ["algorithm=fedavg", "privacy.secagg=true"]),
+                       progress=False)

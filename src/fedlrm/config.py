@@ -124,7 +124,8 @@ class PrivacyConfig:
     secagg_shares: int = 3  # SecAgg+: shares each client's secret is split into
     secagg_threshold: int = 2  # SecAgg+: shares needed to reconstruct
     secagg_clip_range: float = 8.0  # SecAgg+: values are clipped to [-range, range] before quantisation
-    secagg_quantization_range: int = 4194304
+    secagg_quantization_range: int = 4194304  # SecAgg+: quantisation levels (2**22)
+    secagg_max_weight: float = 1000.0  # SecAgg+: bound on a client's training examples (its weight)
 
 
 @dataclass
@@ -234,6 +235,10 @@ def validate(cfg: RunConfig) -> None:
     if p.secagg_threshold > p.secagg_shares:
         raise ConfigError(f"privacy.secagg_threshold ({p.secagg_threshold}) cannot exceed privacy.secagg_shares "
                           f"({p.secagg_shares})")
+    if p.secagg and not ALGORITHMS[cfg.algorithm].aggregates_by_mean:
+        raise ConfigError(f"privacy.secagg gives the server only the weighted mean of the uploads, but "
+                          f"{cfg.algorithm} needs each upload; use it with "
+                          f"{', '.join(a for a, c in ALGORITHMS.items() if c.aggregates_by_mean and c.trains)}")
     if "{}" not in cfg.model.prompt:
         raise ConfigError(f"model.prompt {cfg.model.prompt!r} needs a '{{}}' where the class name goes")
 

@@ -47,6 +47,8 @@ class Algorithm:
     trains: ClassVar[bool] = True
     #: whether a server-side model exists that can be evaluated on the whole test split
     has_global_model: ClassVar[bool] = True
+    #: whether `aggregate` needs only the sample-weighted mean of the uploads (secure aggregation works)
+    aggregates_by_mean: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

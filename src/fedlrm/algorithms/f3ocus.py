@@ -164,6 +164,7 @@ def select_layers(scores: np.ndarray, budget: int, optimizer: str, population: i
 
 class F3OCUS(Algorithm):
     name = "f3ocus"
+    aggregates_by_mean = False  # it looks at each upload
 
     def make_layer(self, linear):
         return AdaptedLinear(linear, {"global": self.expert(linear, self.cfg.adapter.rank)})

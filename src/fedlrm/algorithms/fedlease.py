@@ -32,6 +32,7 @@ CLUSTER = "fedlease.cluster"  # the one non-weight entry of a client's message
 
 class FedLEASE(Algorithm):
     name = "fedlease"
+    aggregates_by_mean = False  # it looks at each upload
     has_global_model = False  # one model per cluster, none for everyone
 
     def __init__(self, cfg):

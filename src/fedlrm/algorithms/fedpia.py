@@ -74,6 +74,7 @@ def barycenter(adapters: list[torch.Tensor], weights: list[float], start: torch.
 
 class FedPIA(Algorithm):
     name = "fedpia"
+    aggregates_by_mean = False  # it looks at each upload
     has_global_model = False  # clients evaluate their integrated adapters
 
     def make_layer(self, linear):

@@ -83,6 +83,10 @@ class Transport(Protocol):
 
     def restore(self, private: dict[int, State]) -> None: ...
 
+    def secure_train(self, round_index: int, messages: dict[int, bytes], schema) -> tuple[State | None, int]:
+        """Train with secure aggregation: the weighted mean of the uploads and how many contributed."""
+        ...
+
 
 class RoundFailed(FedLRMError):
     pass
@@ -140,13 +144,28 @@ class Server:
             candidates.pop(c)
         return list(candidates.values())
 
+    def secure_round(self, transport: Transport, round_index: int, sent: dict[int, bytes]) -> tuple[list[Upload], int]:
+        """A round with secure aggregation: the transport returns only the weighted mean of the
+        uploads, which is checked as a whole and stands in for them (see `aggregates_by_mean`)."""
+        first = min(sent)
+        schema = expected_upload(self.bundle, self.algorithm, self.cfg, first, decode(sent[first]))
+        mean, contributors = transport.secure_train(round_index, sent, schema)
+        if mean is None:
+            return [], 0
+        problem = schema_problem(schema, mean)
+        if problem:
+            self._reject(round_index, -1, f"the securely aggregated mean: {problem}")
+            return [], contributors
+        # One upload standing for `contributors` clients; its weight is irrelevant alone.
+        return [Upload(-1, mean, contributors)], contributors
+
     def _reject(self, round_index: int, client: int, reason: str) -> None:
         log.warning("round %d: rejected the upload of client %d: %s", round_index, client, reason)
         self.rejections.append(Rejection(round_index, client, reason))
 
     def aggregate(self, round_index: int, global_state: State, uploads: list[Upload]) -> State:
         needed = self.cfg.federation.min_clients
-        if len(uploads) < needed:
+        if sum(1 if u.client_id >= 0 else u.num_examples for u in uploads) < needed:
             raise RoundFailed(
                 f"round {round_index}: only {len(uploads)} valid upload(s) arrived, fewer than "
                 f"federation.min_clients={needed}; the last checkpoint keeps the state of round "
@@ -177,14 +196,19 @@ class Server:
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, r, self.num_clients, cfg.train.client_fraction) if r else []
             sent = {c: encode(algo.message_for(c, global_state)) for c in sampled}
-            replies = transport.train(r, sent) if sent else {}
-            for c, reply in replies.items():
-                messages += [Message(r, c, "down", sent[c]), Message(r, c, "up", reply.upload)]
-            for c in sorted(set(sent) - set(replies)):
-                log.warning("round %d: client %d did not answer (crashed, left or timed out); "
-                            "the round goes on without it", r, c)
             rejected_before = len(self.rejections)
-            uploads = self.accept(r, sent, replies)
+            if cfg.privacy.secagg and sent:
+                uploads, answered = self.secure_round(transport, r, sent)
+                replies = {}
+            else:
+                replies = transport.train(r, sent) if sent else {}
+                for c, reply in replies.items():
+                    messages += [Message(r, c, "down", sent[c]), Message(r, c, "up", reply.upload)]
+                for c in sorted(set(sent) - set(replies)):
+                    log.warning("round %d: client %d did not answer (crashed, left or timed out); "
+                                "the round goes on without it", r, c)
+                uploads = self.accept(r, sent, replies)
+                answered = len(replies)
             for u in uploads:
                 self.max_upload_params = max(self.max_upload_params, sum(v.numel() for v in u.state.values()))
             if sampled:
@@ -196,10 +220,13 @@ class Server:
                                                for c in range(self.num_clients)})
                 rows = self._client_rows(r, evals, sent, replies)
             client_rows += rows
-            round_row = {"round": r, "clients_sampled": len(sampled), "clients_answered": len(replies),
+            up = sum(len(x.upload) for x in replies.values()) if replies else \
+                sum(len(encode(u.state)) * u.num_examples for u in uploads)  # secagg: plain-payload equivalent
+            round_row = {"round": r, "clients_sampled": len(sampled), "clients_answered": answered,
                          "clients_rejected": len(self.rejections) - rejected_before,
-                         "bytes_up": sum(len(x.upload) for x in replies.values()),
-                         "bytes_down": sum(len(sent[c]) for c in replies),
+                         "bytes_up": up,
+                         "bytes_down": sum(len(sent[c]) for c in replies) if replies else
+                         sum(len(m) for m in sent.values()) * answered // max(len(sent), 1),
                          "train_seconds": train_seconds}
             if rows:
                 round_row.update(client_accuracy_stats(rows))

@@ -14,7 +14,7 @@ import torch
 from fedlrm.algorithms import Algorithm, State, get_algorithm
 from fedlrm.config import RunConfig, to_yaml
 from fedlrm.data import FederatedData, load_federated_data
-from fedlrm.errors import FedLRMError
+from fedlrm.errors import ConfigError, FedLRMError
 from fedlrm.federation.client import Client
 from fedlrm.federation.server import EvalReply, Message, RunResult, Server, TrainReply, client_accuracy_stats
 from fedlrm.federation.task import ModelBundle, build_model, resolve_device
@@ -47,11 +47,17 @@ class InProcessTransport:
         for c in self.clients:
             c.private = private.get(c.client_id)
 
+    def secure_train(self, round_index, messages, schema):
+        raise FedLRMError("privacy.secagg needs the Flower runtime (fedlrm flower, or flwr run flower-app)")
+
 
 class Simulation:
     """Prepares everything that can fail on bad input first, then runs rounds."""
 
     def __init__(self, cfg: RunConfig, data: FederatedData | None = None, progress: bool = True):
+        if cfg.privacy.secagg:  # in one process there is nothing to hide the uploads from
+            raise ConfigError("privacy.secagg needs the Flower runtime: run with `fedlrm flower` or "
+                              "`flwr run flower-app`, or drop privacy.secagg")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg

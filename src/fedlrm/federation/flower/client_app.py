@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common import recorddict_compat as compat
 from safetensors.torch import load_file, save_file
 
 from fedlrm.algorithms import get_algorithm
@@ -35,12 +37,13 @@ from fedlrm.config import RunConfig, to_dict
 from fedlrm.data import ClientSplit, ImageSet, load_federated_data
 from fedlrm.errors import DataError, FedLRMError
 from fedlrm.federation.client import Client
-from fedlrm.federation.flower.protocol import digest, read_request, reply
+from fedlrm.federation.flower.protocol import digest, read_fields, read_request, reply
+from fedlrm.federation.flower.secagg import is_secagg, secagg_when_asked, to_arrays
 from fedlrm.federation.task import build_model, resolve_device
 from fedlrm.federation.wire import decode
 from fedlrm.models import load_backbone
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_when_asked])
 log = logging.getLogger("fedlrm.client")
 KEEP_ROUNDS = 3  # private-state files kept per client; a resumed server goes back at most one round
 
@@ -48,7 +51,9 @@ KEEP_ROUNDS = 3  # private-state files kept per client; a resumed server goes ba
 # ----------------------------------------------------------------------------- handlers
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    node = NodeClient(context, message, training=True)
+    if is_secagg(message):
+        return train_for_secure_aggregation(message, context)
+    node = NodeClient(context, *read_request(message), training=True)
     result = node.client.train(node.round, node.payload)
     node.save_private(node.round)
     return reply(message, decode(result.upload), client=node.client_id, num_examples=result.num_examples,
@@ -58,12 +63,25 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    node = NodeClient(context, message, training=False)
+    node = NodeClient(context, *read_request(message), training=False)
     result = node.client.evaluate(node.round, node.payload)
     if node.meta.get("final"):
         node.export()
     return reply(message, client=node.client_id, accuracy=result.accuracy, loss=result.loss,
                  n_test=result.n_test, n_train=result.n_train, eval_seconds=result.seconds)
+
+
+def train_for_secure_aggregation(message: Message, context: Context) -> Message:
+    """Training inside SecAgg+ (legacy fit messages): the upload leaves only masked, through the mod."""
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    config = dict(fitins.config)
+    payload = config.pop("payload")
+    node = NodeClient(context, *read_fields(config), payload, training=True)
+    result = node.client.train(node.round, node.payload)
+    node.save_private(node.round)
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(to_arrays(decode(result.upload))),
+                    num_examples=result.num_examples, metrics={})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
 
 
 @app.query()
@@ -85,9 +103,9 @@ def client_id_of(node_config) -> int:
 class NodeClient:
     """The fedlrm `Client` of this SuperNode for one message, with its state from disk."""
 
-    def __init__(self, context: Context, message: Message, training: bool):
+    def __init__(self, context: Context, meta: dict, cfg: RunConfig, payload: bytes, training: bool):
         self.training = training
-        self.meta, cfg, self.payload = read_request(message)
+        self.meta, self.payload = meta, payload
         self.round = int(self.meta["round"])
         self.client_id = client_id_of(context.node_config)
         if int(self.meta["client"]) != self.client_id:

@@ -33,17 +33,22 @@ def unpack_state(record: ArrayRecord | None) -> bytes:
     return encode(dict(record.to_torch_state_dict()))
 
 
-def request(payload: bytes, *, round_index: int, client: int, run_key: str, cfg: RunConfig,
-            final: bool = False) -> RecordDict:
-    meta = ConfigRecord({"round": round_index, "client": client, "run-key": run_key,
-                         "run-config": json.dumps(to_dict(cfg)), "final": final})
-    return RecordDict({STATE: pack_state(payload), META: meta})
+def request_fields(*, round_index: int, client: int, run_key: str, cfg: RunConfig, final: bool = False) -> dict:
+    return {"round": round_index, "client": client, "run-key": run_key, "run-config": json.dumps(to_dict(cfg)),
+            "final": final}
+
+
+def request(payload: bytes, **fields) -> RecordDict:
+    return RecordDict({STATE: pack_state(payload), META: ConfigRecord(request_fields(**fields))})
+
+
+def read_fields(meta: dict) -> tuple[dict, RunConfig]:
+    return dict(meta), from_dict(json.loads(str(meta["run-config"])))
 
 
 def read_request(message: Message) -> tuple[dict, RunConfig, bytes]:
-    meta = message.content[META]
-    cfg = from_dict(json.loads(str(meta["run-config"])))
-    return dict(meta), cfg, unpack_state(message.content.get(STATE))
+    meta, cfg = read_fields(message.content[META])
+    return meta, cfg, unpack_state(message.content.get(STATE))
 
 
 def reply(message: Message, upload: State | None = None, **metrics: float) -> Message:

@@ -23,7 +23,8 @@ from fedlrm.algorithms import get_algorithm
 from fedlrm.config import RunConfig, load_config
 from fedlrm.data import load_federated_data
 from fedlrm.errors import FedLRMError
-from fedlrm.federation.flower.protocol import INFO, METRICS, STATE, digest, request, unpack_state
+from fedlrm.federation.flower.protocol import INFO, METRICS, STATE, digest, request, request_fields, unpack_state
+from fedlrm.federation.flower.secagg import from_arrays, secure_mean
 from fedlrm.federation.server import EvalReply, Server, TrainReply
 from fedlrm.federation.simulation import new_run_dir, write_config
 from fedlrm.federation.task import build_model, resolve_device
@@ -39,9 +40,9 @@ POLL_SECONDS = 0.2
 class FlowerTransport:
     """Sends each client's message to the SuperNode serving that client, through the Grid."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_key: str, run_dir: Path, node_wait: float,
-                 wait_for: int):
-        self.grid, self.cfg, self.run_key = grid, cfg, run_key
+    def __init__(self, grid: Grid, context: Context, cfg: RunConfig, run_key: str, run_dir: Path,
+                 node_wait: float, wait_for: int):
+        self.grid, self.context, self.cfg, self.run_key = grid, context, cfg, run_key
         self.timeout = cfg.federation.round_timeout or DEFAULT_ROUND_TIMEOUT
         self.client_of_node: dict[int, int] = {}
         self.log_path = run_dir / "messages.jsonl"
@@ -133,6 +134,23 @@ class FlowerTransport:
                                float(m.get("eval_seconds", 0.0)))
         return out
 
+    def secure_train(self, round_index: int, messages: dict[int, bytes], schema):
+        """Training whose uploads reach the server only as their SecAgg+ weighted mean."""
+        clients = self.nodes()
+        configs = {clients[c]: {**request_fields(round_index=round_index, client=c, run_key=self.run_key,
+                                                 cfg=self.cfg), "payload": payload}
+                   for c, payload in messages.items() if c in clients}
+        mean, contributors = secure_mean(self.grid, self.context, configs, round_index, self.cfg.privacy,
+                                         self.timeout)
+        log.info("round %d: SecAgg+ mean of %d of %d clients' uploads", round_index, contributors, len(messages))
+        with self.log_path.open("a") as f:
+            for c, payload in sorted(messages.items()):
+                f.write(json.dumps(describe(round_index, c, "down", "secure-train", payload)) + "\n")
+            f.write(json.dumps({"round": round_index, "kind": "secure-train", "direction": "up",
+                                "contributors": contributors, "tensors": {k: list(v[0]) for k, v in schema.items()}})
+                    + "\n")
+        return (from_arrays(mean, schema) if mean is not None else None), contributors
+
     def private_states(self) -> dict:
         return {}  # clients keep their own, on their own disks
 
@@ -174,8 +192,6 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_config(str(rc.get("config-file", "") or "") or None, shlex.split(str(rc.get("overrides", ""))))
         if not Path(cfg.output_dir).expanduser().is_absolute():
             cfg.output_dir = str(Path.home() / "fedlrm-runs" / cfg.output_dir)
-    if cfg.privacy.secagg:
-        raise FedLRMError("privacy.secagg is not available on this runtime yet; run without it")
     backbone = load_backbone(cfg.model)
     global_test, class_names = None, None
     if rc.get("global-eval", True):
@@ -192,7 +208,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run directory: %s", run_dir)
     server = Server(cfg, algorithm, bundle, cfg.data.num_clients, global_test, progress=False)
     wait_for = int(rc.get("wait-for-clients", 0) or cfg.data.num_clients)
-    transport = FlowerTransport(grid, cfg, run_key, run_dir, float(rc.get("node-wait-timeout", 120.0)), wait_for)
+    transport = FlowerTransport(grid, context, cfg, run_key, run_dir, float(rc.get("node-wait-timeout", 120.0)), wait_for)
     result = server.run(transport, run_dir, resume=bool(resume))
     from fedlrm.reporting import write_run_report
 

@@ -1,0 +1,945 @@
+"""Run a local Flower 1.41 deployment (SuperLink + N SuperNodes) on 127.0.0.1.
+
+Usage::
+
+    from fedlrm.federation.flower.deploy import LocalDeployment
+
+    with LocalDeployment("/tmp/fl", num_supernodes=2, tls=True, auth=True) as dep:
+        res = dep.run("tests/flower_hello", {"num-rounds": 2}, timeout=120)
+        assert res.ok, res.logs
+
+How Flower 1.41 is driven (verified with flwr 1.41.0):
+
+* ``flower-superlink --host 127.0.0.1 --port P`` serves the Fleet, Control *and* Runtime
+  APIs over one HTTP(S) port (FastAPI/uvicorn). ``--insecure`` or
+  ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``; ``--enable-supernode-auth`` (needs
+  TLS); ``--database FILE`` (SQLite) instead of the in-memory state. In ``subprocess``
+  isolation it starts ``flower-superexec`` in a *new session* (so it is not in the
+  SuperLink's process group), which starts one ``flwr-serverapp`` per run.
+* ``flower-supernode --superlink 127.0.0.1:P --host 127.0.0.1 --port RP`` (RP is the
+  SuperNode's own Runtime API port, default 9094, so it must differ per node);
+  ``--insecure`` or ``--root-certificates CA``; ``--auth-supernode-private-key KEY``;
+  ``--node-config FILE.toml`` (or ``'k=v k2="s"'``). It starts ``flower-superexec`` in
+  its own process group, which starts one ``flwr-clientapp`` process per message.
+* SuperNode auth: the SuperLink runs with ``--enable-supernode-auth`` and each SuperNode's
+  EC (NIST curve) public key in OpenSSH format is registered *before* the SuperNode
+  connects with ``flwr supernode register KEY.pub CONNECTION`` (Control API).
+* The CLI reads SuperLink connections from ``$FLWR_HOME/config.toml``
+  (``[superlink] default = NAME`` and ``[superlink.NAME] address/insecure/
+  root-certificates``). Every process started here gets its own ``FLWR_HOME`` inside the
+  work dir (apps are installed there too), so ``~/.flwr`` is never touched.
+
+Every process is started with ``start_new_session=True`` and carries the environment
+variables ``FEDLRM_FLWR_DEPLOY`` (one id per deployment) and ``FEDLRM_FLWR_COMPONENT``
+(e.g. ``supernode-1``), which Flower's own children (SuperExec, ServerApp, ClientApp)
+inherit. Killing a component therefore kills its process group, its descendants and any
+process that carries its tag (found through ``/proc/*/environ``), which also catches the
+detached SuperExec of the SuperLink and its ``flwr-serverapp``. ``close()`` (also via
+``__exit__`` and an ``atexit`` hook) stops everything; if the owning Python process was
+killed, :func:`kill_deployment` (with the work dir) cleans up from ``deployment.json``.
+
+Crash/restart behaviour observed with 1.41.0 (heartbeat interval fixed at 30 s):
+
+* SIGKILLed SuperNode: the SuperLink keeps it "online" until 2 x 30 s after its last
+  heartbeat; messages to it then get an error reply (``ErrorCode.NODE_UNAVAILABLE`` = 5,
+  ``src_node_id`` = 1). SIGTERM deactivates it at once (error reply within ~1 s).
+* Restarted SuperNode: without auth it self-registers a fresh key -> new node id; with
+  auth it reuses its key -> same node id, but only after the old one went offline
+  (:meth:`LocalDeployment.start_supernode` retries). ``context.state`` is not kept.
+* SuperLink restart: with ``--database`` the SuperNodes reconnect (same ids), the run in
+  flight ends ``finished:failed``; in-memory: SuperNodes are rejected and exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .certs import AuthKeyPaths, TlsPaths, generate_supernode_keys, generate_tls_certs
+
+__all__ = [
+    "DeploymentError",
+    "LocalDeployment",
+    "RunResult",
+    "find_free_port",
+    "kill_deployment",
+    "pid_alive",
+    "toml_value",
+]
+
+TAG_DEPLOY = "FEDLRM_FLWR_DEPLOY"
+TAG_COMPONENT = "FEDLRM_FLWR_COMPONENT"
+CONNECTION_NAME = "fedlrm-local"
+HOST = "127.0.0.1"
+
+BASE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class DeploymentError(RuntimeError):
+    """Raised when a component fails to start or a CLI call fails."""
+
+
+@dataclass
+class RunResult:
+    """Outcome of :meth:`LocalDeployment.run`."""
+
+    run_id: int
+    status: str  # e.g. "finished:completed", "finished:failed", "running" (timeout)
+    details: str
+    logs: str
+    elapsed_s: float
+    timed_out: bool = False
+    run_info: dict[str, Any] = field(default_factory=dict)  # the `flwr ls --format json` entry
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    log_offset: int
+    cmd: list[str]
+
+
+# ----------------------------------------------------------------------------- helpers
+def find_free_port(host: str = HOST) -> int:
+    """Return a currently free TCP port on ``host`` (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    """Format a scalar as a TOML value (for node/run config overrides)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return json.dumps(os.fspath(value))  # JSON string escapes are valid TOML
+    raise TypeError(f"Unsupported config value {value!r} ({type(value).__name__})")
+
+
+def _write_toml(path: Path, cfg: Mapping[str, Any]) -> Path:
+    lines = []
+    for k, v in cfg.items():
+        key = k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+        lines.append(f"{key} = {toml_value(v)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise DeploymentError(f"`{name}` not found (is flwr installed?)")
+    return found
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, pgid, state) for all processes (Linux /proc)."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read().decode(errors="replace")
+            rest = data[data.rindex(")") + 2 :].split()
+            table[int(entry)] = (int(rest[1]), int(rest[2]), rest[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
+def _environ_has(pid: int, needle: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return needle in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+        return data[data.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+    except (OSError, ValueError, IndexError):
+        return True  # no /proc: trust kill(0)
+
+
+def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out, stack = set(), [root]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in out:
+                out.add(c)
+                stack.append(c)
+    return out
+
+
+# ----------------------------------------------------------------------------- main class
+class LocalDeployment:
+    """A local SuperLink + N SuperNodes, started as subprocesses; a context manager.
+
+    Parameters
+    ----------
+    work_dir : directory for logs, FLWR_HOMEs, certificates, keys, node configs, state DB.
+    num_supernodes : number of SuperNodes.
+    node_configs : one dict per SuperNode (``--node-config``); default
+        ``{"partition-id": i, "num-partitions": num_supernodes}``.
+    tls : serve the SuperLink over HTTPS (certs from ``tls_paths`` or generated).
+    auth : SuperNode authentication (requires ``tls``): keys are generated per node and
+        registered with ``flwr supernode register`` before each SuperNode starts.
+    extra_env : extra environment for all processes (SuperLink, SuperNodes, CLI).
+    database : True -> ``<work_dir>/superlink/state.db`` (state survives a SuperLink
+        restart), False -> in-memory, or a path. ``fresh_database`` (default True)
+        deletes an existing database file in :meth:`start` (not on SuperLink restarts).
+    superexec_poll_interval : sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (s, default 1.0
+        in Flower) - how often SuperExec asks for new ServerApp/ClientApp tasks.
+    extra_superlink_args, extra_supernode_args : appended to the respective commands.
+    startup_timeout : seconds to wait for the SuperLink health check / a SuperNode id.
+    cli_timeout : seconds for one ``flwr`` CLI call.
+    kill_grace : seconds between SIGTERM and SIGKILL in :meth:`close`.
+    rejoin_timeout, rejoin_retry_s : with auth, how long/how often to retry starting a
+        SuperNode whose node id is still "online" at the SuperLink after a crash.
+
+    Attributes: ``port`` (SuperLink HTTP port), ``address``, ``node_ids`` (per SuperNode,
+    from its log or ``flwr supernode register``), ``node_ports`` (Runtime API ports),
+    ``pids`` (current main pids), ``started_pids`` (every main pid ever started),
+    ``spawned_pids()`` (every live process incl. SuperExec/ServerApp/ClientApp),
+    ``timings``, ``tls_paths``, ``auth_keys``, ``log_dir`` (``<name>.log`` per component).
+    """
+
+    def __init__(
+        self,
+        work_dir: str | os.PathLike[str],
+        num_supernodes: int = 2,
+        node_configs: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        tls: bool = False,
+        auth: bool = False,
+        tls_paths: TlsPaths | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        database: bool | str | os.PathLike[str] = True,
+        superexec_poll_interval: float | None = None,
+        extra_superlink_args: Sequence[str] = (),
+        extra_supernode_args: Sequence[str] = (),
+        startup_timeout: float = 60.0,
+        cli_timeout: float = 120.0,
+        kill_grace: float = 5.0,
+        rejoin_timeout: float = 120.0,
+        rejoin_retry_s: float = 3.0,
+        fresh_database: bool = True,
+    ) -> None:
+        if auth and not tls:
+            raise ValueError("SuperNode authentication requires tls=True in Flower 1.41")
+        self.work_dir = Path(work_dir).resolve()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.num_supernodes = int(num_supernodes)
+        if node_configs is None:
+            node_configs = [
+                {"partition-id": i, "num-partitions": self.num_supernodes}
+                for i in range(self.num_supernodes)
+            ]
+        if len(node_configs) != self.num_supernodes:
+            raise ValueError("need exactly one node config per SuperNode")
+        self.node_configs = [dict(c) for c in node_configs]
+        self.tls = tls
+        self.auth = auth
+        self.tls_paths = tls_paths
+        self.extra_env = dict(extra_env or {})
+        if superexec_poll_interval is not None:
+            self.extra_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_interval)
+        if database is True:
+            self.database: str | None = str(self.work_dir / "superlink" / "state.db")
+        elif database is False or database is None:
+            self.database = None
+        else:
+            self.database = str(Path(database).resolve())
+        self.extra_superlink_args = list(extra_superlink_args)
+        self.extra_supernode_args = list(extra_supernode_args)
+        self.startup_timeout = startup_timeout
+        self.cli_timeout = cli_timeout
+        self.kill_grace = kill_grace
+        self.rejoin_timeout = rejoin_timeout
+        self.rejoin_retry_s = rejoin_retry_s
+        self.fresh_database = fresh_database
+
+        self.deploy_id = uuid.uuid4().hex[:12]
+        self.port: int | None = None  # SuperLink HTTP port (Fleet + Control + Runtime)
+        self.node_ports: list[int | None] = [None] * self.num_supernodes
+        self.node_ids: list[int | None] = [None] * self.num_supernodes
+        self.auth_keys: list[AuthKeyPaths | None] = [None] * self.num_supernodes
+        self._registered: set[int] = set()
+        self._procs: dict[str, _Proc] = {}
+        self.started_pids: list[int] = []  # every main pid ever started, in order
+        self.timings: dict[str, float] = {}
+        self.cli_home = self.work_dir / "cli_flwr_home"
+        self.log_dir = self.work_dir / "logs"
+        self._closed = False
+        self._atexit_registered = False
+        self._ctl: Any = None
+        self._ctl_port: int | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def pids(self) -> dict[str, int]:
+        """Main pid of each currently managed component (``superlink``, ``supernode-i``)."""
+        self.poll()
+        return {name: p.popen.pid for name, p in self._procs.items()}
+
+    def poll(self) -> dict[str, int | None]:
+        """Reap exited components; return ``{name: returncode or None if running}``.
+
+        Reaping matters: Flower's SuperExec watches its parent with ``kill(pid, 0)``,
+        which still succeeds for an unreaped zombie, so a SuperNode/SuperLink that
+        exited by itself keeps its SuperExec alive until it is reaped.
+        """
+        return {name: p.popen.poll() for name, p in self._procs.items()}
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def spawned_pids(self) -> list[int]:
+        """All live processes of this deployment: main pids, descendants, tagged ones."""
+        self.poll()
+        table = _proc_table()
+        needle = f"{TAG_DEPLOY}={self.deploy_id}".encode()
+        out = {pid for pid in table if _environ_has(pid, needle)}
+        for pid in (p.popen.pid for p in self._procs.values()):
+            if pid in table:
+                out.add(pid)
+                out |= _descendants(pid, table)
+        return sorted(p for p in out if pid_alive(p))
+
+    # ------------------------------------------------------------------ env / cli
+    def component_env(self, component: str, flwr_home: str | os.PathLike[str]) -> dict[str, str]:
+        """Environment for an extra process that should belong to this deployment
+        (tagged, so :meth:`close` kills it too)."""
+        return self._env(component, Path(flwr_home))
+
+    def _env(self, component: str, flwr_home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(BASE_ENV)
+        env.update(self.extra_env)
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+        env["FLWR_HOME"] = str(flwr_home)
+        env[TAG_DEPLOY] = self.deploy_id
+        env[TAG_COMPONENT] = component
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        return env
+
+    def _write_cli_config(self) -> None:
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION_NAME}"',
+            "",
+            f"[superlink.{CONNECTION_NAME}]",
+            f'address = "{self.address}"',
+        ]
+        if self.tls:
+            assert self.tls_paths is not None
+            lines.append(f"root-certificates = {toml_value(str(self.tls_paths.ca_cert))}")
+        else:
+            lines.append("insecure = true")
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        (self.cli_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def flwr(self, *args: str, timeout: float | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this deployment (isolated FLWR_HOME)."""
+        cmd = [_bin("flwr"), *args]
+        env = self._env("cli", self.cli_home)
+        env["COLUMNS"] = "200"
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=str(self.work_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout or self.cli_timeout)
+        except subprocess.TimeoutExpired:
+            self._kill_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise DeploymentError(f"`flwr {' '.join(args)}` timed out") from None
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        if check and proc.returncode != 0:
+            raise DeploymentError(
+                f"`flwr {' '.join(args)}` failed (rc={proc.returncode}):\n{out}\n{err}"
+            )
+        return res
+
+    def flwr_json(self, *args: str, timeout: float | None = None) -> dict[str, Any]:
+        """Run ``flwr ... --format json`` and parse the JSON object it prints."""
+        res = self.flwr(*args, "--format", "json", timeout=timeout, check=False)
+        data = _parse_json(res.stdout)
+        if data is None or res.returncode != 0 or not data.get("success", True):
+            raise DeploymentError(
+                f"`flwr {' '.join(args)} --format json` failed (rc={res.returncode}):\n"
+                f"{res.stdout}\n{res.stderr}"
+            )
+        return data
+
+    # ------------------------------------------------------------------ start/stop
+    def __enter__(self) -> LocalDeployment:  # noqa: PYI034
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> LocalDeployment:
+        """Start SuperLink and all SuperNodes and wait until they are connected."""
+        if not self._atexit_registered:
+            atexit.register(self.close)
+            self._atexit_registered = True
+        t0 = time.monotonic()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.database and self.fresh_database:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(self.database + suffix).unlink(missing_ok=True)
+        if self.tls and self.tls_paths is None:
+            self.tls_paths = generate_tls_certs(self.work_dir / "certs")
+        self.port = find_free_port()
+        self._write_cli_config()
+        self.start_superlink()
+        for i in range(self.num_supernodes):
+            self.start_supernode(i, wait=False)
+        for i in range(self.num_supernodes):
+            self._wait_supernode(i)
+        self.timings["startup_s"] = time.monotonic() - t0
+        return self
+
+    def _spawn(self, name: str, cmd: list[str], flwr_home: Path) -> _Proc:
+        log_path = self.log_dir / f"{name}.log"
+        with open(log_path, "ab") as logf:
+            logf.write(f"\n===== {time.strftime('%H:%M:%S')} start {name}: {' '.join(cmd)}\n".encode())
+            logf.flush()
+            offset = logf.tell()
+            popen = subprocess.Popen(
+                cmd,
+                env=self._env(name, flwr_home),
+                cwd=str(self.work_dir),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session + process group (pgid == pid)
+            )
+        proc = _Proc(name, popen, log_path, offset, cmd)
+        self._procs[name] = proc
+        self.started_pids.append(popen.pid)
+        self._write_manifest()
+        return proc
+
+    def _write_manifest(self) -> None:
+        """``<work_dir>/deployment.json``: deploy id + pids, for post-mortem cleanup
+        with :func:`kill_deployment` if this Python process died without closing."""
+        data = {
+            "deploy_id": self.deploy_id,
+            "tag": f"{TAG_DEPLOY}={self.deploy_id}",
+            "port": self.port,
+            "pids": {n: p.popen.pid for n, p in self._procs.items()},
+            "started_pids": self.started_pids,
+        }
+        (self.work_dir / "deployment.json").write_text(json.dumps(data, indent=1))
+
+    def _log_since_start(self, proc: _Proc) -> str:
+        with open(proc.log_path, "rb") as f:
+            f.seek(proc.log_offset)
+            return f.read().decode(errors="replace")
+
+    def log_text(self, name: str) -> str:
+        """Whole log file of a component (all incarnations)."""
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # SuperLink ------------------------------------------------------------------
+    def start_superlink(self, wait: bool = True) -> int:
+        """(Re)start the SuperLink on the same port/database; return its pid."""
+        if "superlink" in self._procs and pid_alive(self._procs["superlink"].popen.pid):
+            raise DeploymentError("SuperLink already running")
+        cmd = [_bin("flower-superlink"), "--host", HOST, "--port", str(self.port)]
+        if self.tls:
+            assert self.tls_paths is not None
+            cmd += [
+                "--ssl-ca-certfile", str(self.tls_paths.ca_cert),
+                "--ssl-certfile", str(self.tls_paths.server_cert),
+                "--ssl-keyfile", str(self.tls_paths.server_key),
+            ]
+        else:
+            cmd.append("--insecure")
+        if self.auth:
+            cmd.append("--enable-supernode-auth")
+        if self.database:
+            Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--database", self.database]
+        cmd += ["--disable-runtime-dependency-installation", *self.extra_superlink_args]
+        t0 = time.monotonic()
+        proc = self._spawn("superlink", cmd, self.work_dir / "superlink" / "flwr_home")
+        if wait:
+            self._wait_http_health(proc)
+            self.timings["superlink_ready_s"] = time.monotonic() - t0
+        return proc.popen.pid
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        assert self.tls_paths is not None
+        return ssl.create_default_context(cafile=str(self.tls_paths.ca_cert))
+
+    def _wait_http_health(self, proc: _Proc) -> None:
+        scheme = "https" if self.tls else "http"
+        url = f"{scheme}://{self.address}/health"
+        ctx = self._ssl_context()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise DeploymentError(
+                    f"{proc.name} exited (rc={proc.popen.returncode}):\n"
+                    + self._log_since_start(proc)[-4000:]
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.1)
+        raise DeploymentError(f"{proc.name} not healthy after {self.startup_timeout}s")
+
+    def kill_superlink(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the SuperLink and everything it spawned (SuperExec, ServerApps)."""
+        self._stop_component("superlink", sig)
+
+    def restart_superlink(self, sig: int = signal.SIGKILL, restart_supernodes: bool | None = None) -> int:
+        """Kill (``sig``) and start the SuperLink again (same port and ``--database``).
+
+        With ``--database`` the SuperNodes keep running and reconnect by themselves
+        (same node ids); a run that was in flight ends ``finished:failed`` ("No heartbeat
+        received from the task") because its ServerApp died with the SuperLink. With
+        the in-memory state the SuperNodes are unknown to the new SuperLink and exit,
+        so by default (``restart_supernodes=None``) they are restarted too (and, with
+        auth, their keys registered again).
+        """
+        self.kill_superlink(sig)
+        pid = self.start_superlink()
+        if restart_supernodes is None:
+            restart_supernodes = not self.database
+        if not self.database:
+            self._registered.clear()  # in-memory state lost the registrations
+        if restart_supernodes:
+            for i in range(self.num_supernodes):
+                self.kill_supernode(i)
+            for i in range(self.num_supernodes):
+                self.start_supernode(i, wait=False)
+            for i in range(self.num_supernodes):
+                self._wait_supernode(i)
+        return pid
+
+    # SuperNodes -----------------------------------------------------------------
+    def _register(self, i: int) -> None:
+        if i in self._registered:
+            return
+        keys = self.auth_keys[i]
+        if keys is None:
+            keys = generate_supernode_keys(self.work_dir / "keys", f"supernode-{i}")
+            self.auth_keys[i] = keys
+        data = self.flwr_json("supernode", "register", str(keys.public_key), CONNECTION_NAME)
+        self.node_ids[i] = int(data["node-id"])
+        self._registered.add(i)
+
+    def start_supernode(self, i: int, wait: bool = True) -> int:
+        """(Re)start SuperNode ``i`` with the same node config (and auth key); pid."""
+        name = f"supernode-{i}"
+        if name in self._procs and pid_alive(self._procs[name].popen.pid):
+            raise DeploymentError(f"{name} already running")
+        if self.auth:
+            self._register(i)
+        node_dir = self.work_dir / name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = _write_toml(node_dir / "node_config.toml", self.node_configs[i])
+        self.node_ports[i] = find_free_port()
+        cmd = [
+            _bin("flower-supernode"),
+            "--superlink", self.address,
+            "--host", HOST,
+            "--port", str(self.node_ports[i]),
+            "--node-config", str(cfg_path),
+        ]
+        if self.tls:
+            assert self.tls_paths is not None
+            cmd += ["--root-certificates", str(self.tls_paths.ca_cert)]
+        else:
+            cmd.append("--insecure")
+        if self.auth:
+            keys = self.auth_keys[i]
+            assert keys is not None
+            cmd += ["--auth-supernode-private-key", str(keys.private_key)]
+        cmd += self.extra_supernode_args
+        proc = self._spawn(name, cmd, node_dir / "flwr_home")
+        if wait:
+            self._wait_supernode(i)
+        return proc.popen.pid
+
+    def _wait_supernode(self, i: int) -> int:
+        """Wait until SuperNode ``i`` logged its node id (it is registered + active).
+
+        With auth, a SuperNode that crashed (SIGKILL) cannot re-activate its node id
+        until the SuperLink has marked it offline (no heartbeat for 2 x 30 s); it then
+        exits with "Failed to activate SuperNode" (exit code 305). In that case the
+        SuperNode is started again every ``rejoin_retry_s`` until ``rejoin_timeout``.
+        """
+        name = f"supernode-{i}"
+        proc = self._procs[name]
+        deadline = time.monotonic() + self.startup_timeout
+        rejoin_deadline = time.monotonic() + self.rejoin_timeout
+        while True:
+            text = self._log_since_start(proc)
+            m = re.search(r"SuperNode ID: (\d+)", text)
+            if m:
+                self.node_ids[i] = int(m.group(1))
+                return self.node_ids[i]
+            if proc.popen.poll() is not None:
+                if (
+                    self.auth
+                    and "Failed to activate SuperNode" in text
+                    and time.monotonic() < rejoin_deadline
+                ):
+                    time.sleep(self.rejoin_retry_s)
+                    self._stop_component(name, signal.SIGKILL)
+                    proc = self._spawn(name, proc.cmd, self.work_dir / name / "flwr_home")
+                    deadline = time.monotonic() + self.startup_timeout
+                    continue
+                raise DeploymentError(
+                    f"{proc.name} exited (rc={proc.popen.returncode}):\n{text[-4000:]}"
+                )
+            if time.monotonic() >= deadline:
+                raise DeploymentError(
+                    f"{proc.name} did not connect within {self.startup_timeout}s"
+                )
+            time.sleep(0.1)
+
+    def kill_supernode(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Kill SuperNode ``i`` (default SIGKILL = crash) with its SuperExec/ClientApps."""
+        self._stop_component(f"supernode-{i}", sig)
+
+    def restart_supernode(self, i: int, sig: int = signal.SIGKILL) -> int:
+        """Kill and restart SuperNode ``i`` with the same node config; return new pid.
+
+        Without auth the restarted SuperNode registers a fresh key -> a NEW node id.
+        With auth it reuses its registered key -> the SAME node id.
+        """
+        self.kill_supernode(i, sig)
+        return self.start_supernode(i)
+
+    def list_supernodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode ls --format json`` entries."""
+        data = self.flwr_json("supernode", "ls", CONNECTION_NAME)
+        return list(data.get("nodes", data.get("supernodes", [])))
+
+    # ------------------------------------------------------------------ runs
+    def submit(self, app_dir: str | os.PathLike[str], run_config: Mapping[str, Any] | None = None,
+               federation: str | None = None) -> int:
+        """``flwr run APP CONNECTION [--run-config overrides.toml]``; return the run id."""
+        args = ["run", str(Path(app_dir).resolve()), CONNECTION_NAME]
+        if run_config:
+            cfg_dir = self.work_dir / "run_configs"
+            cfg_dir.mkdir(parents=True, exist_ok=True)
+            path = _write_toml(cfg_dir / f"run-{uuid.uuid4().hex[:8]}.toml", run_config)
+            args += ["--run-config", str(path)]
+        if federation:
+            args += ["--federation", federation]
+        data = self.flwr_json(*args)
+        return int(data["run-id"])
+
+    def run_info(self, run_id: int, via: str = "cli") -> dict[str, Any]:
+        """Status of a run as in ``flwr ls --run-id ID --format json`` (``runs[0]``).
+
+        ``via="cli"`` runs ``flwr ls`` (~1 s CPU per call); ``via="api"`` calls the
+        Control API's ``ListRuns`` in-process (same data, a few ms; keys ``run-id``,
+        ``status``, ``status-details``, ``*-at``).
+        """
+        if via == "api":
+            try:
+                return self._run_info_api(run_id)
+            except ImportError:  # pragma: no cover - flwr internals moved
+                pass
+        data = self.flwr_json("ls", CONNECTION_NAME, "--run-id", str(run_id))
+        runs = data.get("runs", [])
+        if not runs:
+            raise DeploymentError(f"run {run_id} not found: {data}")
+        return runs[0]
+
+    def _control_client(self) -> Any:
+        if getattr(self, "_ctl", None) is None or self._ctl_port != self.port:
+            from flwr.supercore.constant import FLWR_CLIENT_METADATA_KEY
+            from flwr.supercore.control import ControlHttpClient
+            from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+            class CliClientHttpInterceptor:  # = flwr.cli's, without importing typer
+                def intercept(self, context: Any, call_next: Any) -> Any:
+                    context.request.headers[FLWR_CLIENT_METADATA_KEY] = "cli"
+                    return call_next(context)
+
+            ca = self.tls_paths.ca_cert.read_bytes() if self.tls and self.tls_paths else None
+            self._ctl = ControlHttpClient.from_server_address(
+                server_address=self.address,
+                insecure=not self.tls,
+                root_certificates=ca,
+                interceptors=[
+                    CliClientHttpInterceptor(),
+                    RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+                ],
+            )
+            self._ctl_port = self.port
+        return self._ctl
+
+    def _run_info_api(self, run_id: int) -> dict[str, Any]:
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
+
+        res = self._control_client().ListRuns(ListRunsRequest(run_id=run_id))
+        if not res.run_dict:
+            raise DeploymentError(f"run {run_id} not found")
+        run = run_from_proto(next(iter(res.run_dict.values())))
+        st = run.status
+        return {
+            "run-id": str(run.run_id),
+            "fab-id": run.fab_id,
+            "fab-version": run.fab_version,
+            "status": f"{st.status}:{st.sub_status}" if st.sub_status else st.status,
+            "status-details": st.details,
+            "pending-at": run.pending_at,
+            "starting-at": run.starting_at,
+            "running-at": run.running_at,
+            "finished-at": run.finished_at,
+        }
+
+    def wait(self, run_id: int, timeout: float = 600.0, poll: float = 1.0,
+             via: str = "api") -> dict[str, Any]:
+        """Poll until the run's status starts with ``finished`` (or timeout)."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, Any] = {}
+        while True:
+            self.poll()
+            try:
+                info = self.run_info(run_id, via=via)
+            except Exception:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(poll)
+                continue
+            if str(info.get("status", "")).startswith("finished"):
+                return info
+            if time.monotonic() >= deadline:
+                return info
+            time.sleep(poll)
+
+    def logs(self, run_id: int, timeout: float | None = None) -> str:
+        """``flwr log RUN_ID CONNECTION --show`` (ServerApp logs kept by the SuperLink)."""
+        res = self.flwr("log", str(run_id), CONNECTION_NAME, "--show", timeout=timeout, check=False)
+        return res.stdout
+
+    def stop_run(self, run_id: int) -> None:
+        self.flwr("stop", str(run_id), CONNECTION_NAME, check=False)
+
+    def run(self, app_dir: str | os.PathLike[str], run_config: Mapping[str, Any] | None = None,
+            timeout: float = 600.0, poll: float = 0.5, federation: str | None = None,
+            stop_on_timeout: bool = True, via: str = "api") -> RunResult:
+        """Submit a run (``flwr run``), wait for it to finish, return status + logs.
+
+        ``via`` selects how the status is polled: ``"api"`` (in-process Control API
+        ``ListRuns``, cheap) or ``"cli"`` (``flwr ls --format json``).
+        """
+        t0 = time.monotonic()
+        run_id = self.submit(app_dir, run_config, federation)
+        info = self.wait(run_id, timeout=timeout, poll=poll, via=via)
+        status = str(info.get("status", ""))
+        timed_out = not status.startswith("finished")
+        if timed_out and stop_on_timeout:
+            self.stop_run(run_id)
+        return RunResult(
+            run_id=run_id,
+            status=status,
+            details=str(info.get("status-details", "")),
+            logs=self.logs(run_id),
+            elapsed_s=time.monotonic() - t0,
+            timed_out=timed_out,
+            run_info=info,
+        )
+
+    # ------------------------------------------------------------------ killing
+    @staticmethod
+    def _kill_group(pgid: int, sig: int) -> None:
+        if pgid <= 1 or pgid == os.getpgrp():
+            return
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _component_pids(self, name: str | None) -> set[int]:
+        """Live pids belonging to component ``name`` (None = whole deployment)."""
+        table = _proc_table()
+        needle = (
+            f"{TAG_COMPONENT}={name}".encode() if name else f"{TAG_DEPLOY}={self.deploy_id}".encode()
+        )
+        deploy_needle = f"{TAG_DEPLOY}={self.deploy_id}".encode()
+        pids = {
+            pid for pid in table
+            if _environ_has(pid, needle) and (name is None or _environ_has(pid, deploy_needle))
+        }
+        mains = [p.popen.pid for n, p in self._procs.items() if name is None or n == name]
+        for pid in mains:
+            if pid in table:
+                pids.add(pid)
+                pids |= _descendants(pid, table)
+        pids.discard(os.getpid())
+        return {p for p in pids if pid_alive(p)}
+
+    def _signal_pids(self, pids: Iterable[int], sig: int) -> None:
+        table = _proc_table()
+        own = os.getpgrp()
+        for pgid in {table[p][1] for p in pids if p in table}:
+            if pgid != own and pgid in pids:  # only groups led by our processes
+                self._kill_group(pgid, sig)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _stop_component(self, name: str | None, sig: int) -> None:
+        pids = self._component_pids(name)
+        self._signal_pids(pids, sig)
+        deadline = time.monotonic() + (self.kill_grace if sig != signal.SIGKILL else 5.0)
+        while True:
+            self._reap(name)
+            pids = self._component_pids(name)
+            if not pids:
+                break
+            if time.monotonic() >= deadline:
+                self._signal_pids(pids, signal.SIGKILL)
+                deadline = time.monotonic() + 5.0
+                sig = signal.SIGKILL
+            time.sleep(0.05)
+        self._reap(name)
+        for n in [n for n in self._procs if name is None or n == name]:
+            del self._procs[n]
+
+    def _reap(self, name: str | None) -> None:
+        for n, p in self._procs.items():
+            if name is None or n == name:
+                try:
+                    p.popen.wait(timeout=0)
+                except subprocess.TimeoutExpired:
+                    pass
+
+    def close(self) -> None:
+        """Stop every process of this deployment (SIGTERM, then SIGKILL); idempotent."""
+        try:
+            # SuperNodes first so they can deregister while the SuperLink still runs.
+            names = [n for n in self._procs if n.startswith("supernode")]
+            names += [n for n in self._procs if n not in names]
+            for name in names:
+                # keep going on errors: the sweep below kills whatever is left
+                with contextlib.suppress(Exception):
+                    self._stop_component(name, signal.SIGTERM)
+        finally:
+            # Final sweep for anything still carrying this deployment's tag.
+            self._stop_component(None, signal.SIGKILL)
+            ctl = getattr(self, "_ctl", None)
+            if ctl is not None:
+                with contextlib.suppress(Exception):
+                    ctl.close()
+                self._ctl = None
+            self._closed = True
+            if self._atexit_registered:
+                atexit.unregister(self.close)
+                self._atexit_registered = False
+
+
+def kill_deployment(deploy_id_or_work_dir: str | os.PathLike[str], sig: int = signal.SIGKILL) -> list[int]:
+    """Kill every process tagged with a deployment id (or the id in
+    ``<work_dir>/deployment.json``), e.g. after the owning Python process was killed.
+    Returns the pids signalled. Only processes of that one deployment are touched."""
+    arg = os.fspath(deploy_id_or_work_dir)
+    manifest = Path(arg) / "deployment.json"
+    deploy_id = json.loads(manifest.read_text())["deploy_id"] if manifest.exists() else arg
+    needle = f"{TAG_DEPLOY}={deploy_id}".encode()
+    pids = [p for p in _proc_table() if p != os.getpid() and _environ_has(p, needle)]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
+def _parse_json(text: str) -> dict[str, Any] | None:
+    """Parse the (last) JSON object printed by the flwr CLI."""
+    text = text.strip()
+    try:
+        obj = json.loads(text)
+        return obj if isinstance(obj, dict) else None
+    except ValueError:
+        pass
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj = json.loads(text[start:])
+            return obj if isinstance(obj, dict) else None
+        except ValueError:
+            start = text.find("{", start + 1)
+    return None
