@@ -7,7 +7,6 @@ it started by its PID, also when the test fails; each then checks no PID is left
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import urllib.request
@@ -44,20 +43,6 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.5):
             return
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def signal_supernode(dep: LocalDeployment, i: int, sig: int) -> None:
-    """Signal SuperNode i and every process it started (SIGSTOP: a client that hangs)."""
-    dep._signal_pids(dep._component_pids(f"supernode-{i}"), sig)
-
-
-def kill_serverapp(dep: LocalDeployment) -> None:
-    """SIGKILL the ServerApp process of the running job: the server dies mid-run."""
-    victims = [pid for pid in dep.spawned_pids() if "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
-               .replace(b"\0", b" ").decode(errors="replace")]
-    assert victims, "no flwr-serverapp process found"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
 
 
 def assert_all_ended(pids):
@@ -106,7 +91,7 @@ def test_crashed_and_frozen_clients_are_left_out_and_rejoin_with_the_current_sta
         wait_until(lambda: sum(r["direction"] == "up" and r["round"] == 1 for r in records(run_dir)) >= NODES,
                    300, "round 1 uploads")
         dep.kill_supernode(1)
-        signal_supernode(dep, 2, signal.SIGSTOP)
+        dep.signal_supernode(2, signal.SIGSTOP)
         wait_until(lambda: any(r["round"] == 2 and r["kind"] == "train" for r in records(run_dir)), 300,
                    "round 2 to end without the two clients")
         started += dep.spawned_pids()
@@ -144,7 +129,7 @@ def test_a_killed_server_resumes_from_its_checkpoint_to_the_uninterrupted_result
         run_id = dep.submit(APP, flower_run_config(overrides + ["name=resumed"]))
         wait_until(lambda: (run_dir / "checkpoint" / "state.json").is_file(), 600, "the first checkpoint")
         started += dep.spawned_pids()
-        kill_serverapp(dep)
+        assert dep.kill_serverapp(), "no ServerApp process found"
         killed = dep.wait(run_id, timeout=120)
         assert str(killed["status"]).startswith("finished") and not str(killed["status"]).endswith("completed")
         done = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]

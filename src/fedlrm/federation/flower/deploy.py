@@ -674,6 +674,23 @@ class LocalDeployment:
         """Kill SuperNode ``i`` (default SIGKILL = crash) with its SuperExec/ClientApps."""
         self._stop_component(f"supernode-{i}", sig)
 
+    def signal_supernode(self, i: int, sig: int) -> None:
+        """Send ``sig`` to SuperNode ``i`` and everything it started (SIGSTOP: a client that hangs)."""
+        self._signal_pids(self._component_pids(f"supernode-{i}"), sig)
+
+    def kill_serverapp(self, sig: int = signal.SIGKILL) -> list[int]:
+        """Kill the running job's ServerApp process(es): the server dies mid-run. Returns their pids."""
+        victims = []
+        for pid in self.spawned_pids():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"flwr-serverapp" in cmdline:
+                victims.append(pid)
+        self._signal_pids(victims, sig)
+        return victims
+
     def restart_supernode(self, i: int, sig: int = signal.SIGKILL) -> int:
         """Kill and restart SuperNode ``i`` with the same node config; return new pid.
 

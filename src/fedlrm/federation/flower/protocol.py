@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlrm.algorithms import State
