@@ -83,3 +83,10 @@ def test_compare_prints_one_table_and_writes_chart(capsys, tiny_overrides, tmp_p
     # identical split for every method
     summaries = [(d / a / "data_summary.json").read_text() for a in ("zeroshot", "fedavg", "fedlrm")]
     assert summaries[0] == summaries[1] == summaries[2]
+
+
+def test_flower_command_refuses_a_bad_config_before_starting_any_process(capsys, tmp_path):
+    work = tmp_path / "deployment"
+    assert main(["flower", "--work-dir", str(work), "train.roundz=3"]) == 2
+    assert "unknown config key 'train.roundz'" in capsys.readouterr().err
+    assert not work.exists()

@@ -135,7 +135,7 @@ def cmd_flower(args) -> int:
     if not (app / "pyproject.toml").is_file():
         raise FedLRMError(f"the Flower app folder {app} is missing; run from a fedlrm source checkout")
     start = time.perf_counter()
-    print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'logs'})", flush=True)
+    print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'deployment' / 'logs'})", flush=True)
     with LocalDeployment(work / "deployment", n, nodes, tls=args.tls or args.auth, auth=args.auth) as dep:
         result = dep.run(app, {"config-file": str(config_file)}, timeout=args.timeout)
     print(result.logs[-4000:] if not result.ok else "", end="")
