@@ -58,7 +58,7 @@ def main() -> None:
             overrides = base + [f"algorithm={algorithm}"]
             t0 = time.perf_counter()
             run = dep.run(APP, {"overrides": " ".join(overrides + [f"name=flower-{algorithm}"]),
-                                "node-wait-timeout": 300.0}, timeout=3600)
+                                "node-wait-timeout": 300.0}, timeout=3600, poll=5.0)
             flower_s = time.perf_counter() - t0
             if not run.ok:
                 rows.append({"algorithm": algorithm, "status": run.status, "error": run.logs[-1500:]})

@@ -56,7 +56,7 @@ def main() -> None:
     with LocalDeployment(work / "flower", n, nodes) as dep:
         deploy_start = time.perf_counter() - t0
         result = dep.run(APP, {"overrides": " ".join(overrides + ["name=flower"]), "node-wait-timeout": 300.0},
-                         timeout=4 * 3600)
+                         timeout=4 * 3600, poll=5.0)
         if not result.ok:
             raise SystemExit(f"the Flower run failed ({result.status}): {result.logs[-3000:]}")
     flower_rounds = round_walls(work / "runs" / "flower")

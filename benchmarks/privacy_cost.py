@@ -59,7 +59,7 @@ def main() -> None:
         for name, extra in VARIANTS.items():
             t0 = time.perf_counter()
             run = dep.run(APP, {"overrides": " ".join(base + extra + [f"name=flower-{name}"]),
-                                "node-wait-timeout": 300.0}, timeout=4 * 3600)
+                                "node-wait-timeout": 300.0}, timeout=4 * 3600, poll=5.0)
             if not run.ok:
                 raise SystemExit(f"the Flower {name} run failed ({run.status}): {run.logs[-3000:]}")
             results[f"flower {name}"] = {**timings(work / "runs" / f"flower-{name}"),

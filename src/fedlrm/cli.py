@@ -137,7 +137,7 @@ def cmd_flower(args) -> int:
     start = time.perf_counter()
     print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'deployment' / 'logs'})", flush=True)
     with LocalDeployment(work / "deployment", n, nodes, tls=args.tls or args.auth, auth=args.auth) as dep:
-        result = dep.run(app, {"config-file": str(config_file)}, timeout=args.timeout)
+        result = dep.run(app, {"config-file": str(config_file)}, timeout=args.timeout, poll=5.0)
     print(result.logs[-4000:] if not result.ok else "", end="")
     if not result.ok:
         raise FedLRMError(f"the Flower run ended {result.status}: {result.details}; logs are in {work}")

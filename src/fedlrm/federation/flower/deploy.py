@@ -783,7 +783,7 @@ class LocalDeployment:
             "finished-at": run.finished_at,
         }
 
-    def wait(self, run_id: int, timeout: float = 600.0, poll: float = 1.0,
+    def wait(self, run_id: int, timeout: float = 600.0, poll: float = 2.0,
              via: str = "api") -> dict[str, Any]:
         """Poll until the run's status starts with ``finished`` (or timeout)."""
         deadline = time.monotonic() + timeout
@@ -812,7 +812,7 @@ class LocalDeployment:
         self.flwr("stop", str(run_id), CONNECTION_NAME, check=False)
 
     def run(self, app_dir: str | os.PathLike[str], run_config: Mapping[str, Any] | None = None,
-            timeout: float = 600.0, poll: float = 0.5, federation: str | None = None,
+            timeout: float = 600.0, poll: float = 2.0, federation: str | None = None,
             stop_on_timeout: bool = True, via: str = "api") -> RunResult:
         """Submit a run (``flwr run``), wait for it to finish, return status + logs.
 
