@@ -45,6 +45,16 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def assert_same_state(run_dir: Path, expected: dict) -> None:
+    """The server state a Flower run ended with equals the in-process one (float tolerance)."""
+    from safetensors.torch import load_file
+
+    got = load_file(run_dir / "checkpoint" / "global.safetensors")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert (got[key].double() - value.double()).abs().max().item() <= 1e-5, key
+
+
 def assert_all_ended(pids):
     alive = [p for p in pids if pid_alive(p)]
     assert not alive, f"processes still alive after the deployment closed: {alive}"
@@ -63,7 +73,9 @@ def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home
     assert_all_ended(started)
 
     flower = json.loads((tmp_path / "runs" / "flower" / "summary.json").read_text())
-    local = run_experiment(load_config(None, overrides + ["name=in-process"]), progress=False).summary
+    in_process = run_experiment(load_config(None, overrides + ["name=in-process"]), progress=False)
+    local = in_process.summary
+    assert_same_state(tmp_path / "runs" / "flower", in_process.global_state)
     assert flower["per_client_accuracy"].keys() == {str(c) for c in range(NODES)}
     for c, acc in local["per_client_accuracy"].items():
         assert flower["per_client_accuracy"][str(c)] == pytest.approx(acc, abs=1e-6)
@@ -139,7 +151,9 @@ def test_a_killed_server_resumes_from_its_checkpoint_to_the_uninterrupted_result
         assert result.ok, result.logs[-4000:]
     assert_all_ended(started)
     resumed = json.loads((run_dir / "summary.json").read_text())
-    local = run_experiment(load_config(None, overrides + ["name=uninterrupted"]), progress=False).summary
+    uninterrupted = run_experiment(load_config(None, overrides + ["name=uninterrupted"]), progress=False)
+    local = uninterrupted.summary
+    assert_same_state(run_dir, uninterrupted.global_state)
     for c, acc in local["per_client_accuracy"].items():
         assert resumed["per_client_accuracy"][str(c)] == pytest.approx(acc, abs=1e-6)
 
