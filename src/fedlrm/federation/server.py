@@ -156,18 +156,21 @@ class Server:
         if problem:
             self._reject(round_index, -1, f"the securely aggregated mean: {problem}")
             return [], contributors
-        # One upload standing for `contributors` clients; its weight is irrelevant alone.
-        return [Upload(-1, mean, contributors)], contributors
+        return [Upload(-1, mean, 1)], contributors  # one upload standing for all contributors
 
     def _reject(self, round_index: int, client: int, reason: str) -> None:
         log.warning("round %d: rejected the upload of client %d: %s", round_index, client, reason)
         self.rejections.append(Rejection(round_index, client, reason))
 
-    def aggregate(self, round_index: int, global_state: State, uploads: list[Upload]) -> State:
+    def aggregate(self, round_index: int, global_state: State, uploads: list[Upload],
+                  contributors: int | None = None) -> State:
+        """The new server state; `contributors` is how many clients stand behind `uploads`
+        (one each, unless secure aggregation merged them)."""
         needed = self.cfg.federation.min_clients
-        if sum(1 if u.client_id >= 0 else u.num_examples for u in uploads) < needed:
+        contributors = len(uploads) if contributors is None else contributors
+        if contributors < needed:
             raise RoundFailed(
-                f"round {round_index}: only {len(uploads)} valid upload(s) arrived, fewer than "
+                f"round {round_index}: only {contributors} valid upload(s) arrived, fewer than "
                 f"federation.min_clients={needed}; the last checkpoint keeps the state of round "
                 f"{round_index - 1}. Bring clients back and resume the run, or lower federation.min_clients.")
         return self.algorithm.aggregate(global_state, uploads) if uploads else global_state
@@ -199,7 +202,11 @@ class Server:
             rejected_before = len(self.rejections)
             if cfg.privacy.secagg and sent:
                 uploads, answered = self.secure_round(transport, r, sent)
+                contributors = answered if uploads else 0
                 replies = {}
+                # the masked traffic is larger; counted as the plain payloads it stands for
+                bytes_up = sum(len(encode(u.state)) for u in uploads) * answered
+                bytes_down = sum(len(m) for m in sent.values())
             else:
                 replies = transport.train(r, sent) if sent else {}
                 for c, reply in replies.items():
@@ -208,11 +215,13 @@ class Server:
                     log.warning("round %d: client %d did not answer (crashed, left or timed out); "
                                 "the round goes on without it", r, c)
                 uploads = self.accept(r, sent, replies)
-                answered = len(replies)
+                answered, contributors = len(replies), len(uploads)
+                bytes_up = sum(len(x.upload) for x in replies.values())
+                bytes_down = sum(len(sent[c]) for c in replies)
             for u in uploads:
                 self.max_upload_params = max(self.max_upload_params, sum(v.numel() for v in u.state.values()))
             if sampled:
-                global_state = self.aggregate(r, global_state, uploads)
+                global_state = self.aggregate(r, global_state, uploads, contributors)
             train_seconds = time.perf_counter() - t0
             rows = []
             if r == last or r % cfg.train.eval_every == 0:
@@ -220,13 +229,9 @@ class Server:
                                                for c in range(self.num_clients)})
                 rows = self._client_rows(r, evals, sent, replies)
             client_rows += rows
-            up = sum(len(x.upload) for x in replies.values()) if replies else \
-                sum(len(encode(u.state)) * u.num_examples for u in uploads)  # secagg: plain-payload equivalent
             round_row = {"round": r, "clients_sampled": len(sampled), "clients_answered": answered,
                          "clients_rejected": len(self.rejections) - rejected_before,
-                         "bytes_up": up,
-                         "bytes_down": sum(len(sent[c]) for c in replies) if replies else
-                         sum(len(m) for m in sent.values()) * answered // max(len(sent), 1),
+                         "bytes_up": bytes_up, "bytes_down": bytes_down,
                          "train_seconds": train_seconds}
             if rows:
                 round_row.update(client_accuracy_stats(rows))
