@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,7 +43,6 @@ from fedlrm.federation.wire import decode
 from fedlrm.models import load_backbone
 
 app = ClientApp(mods=[secagg_when_asked])
-log = logging.getLogger("fedlrm.client")
 KEEP_ROUNDS = 3  # private-state files kept per client; a resumed server goes back at most one round
 
 
