@@ -6,9 +6,6 @@ replies and writes what it saw as JSON to run-config ``out-path``.
 
 ClientApp: replies with its ``node_config["partition-id"]``, a counter kept in
 ``context.state`` across rounds, and the received array plus its partition id.
-
-Run config ``mode="secagg"`` runs the SecAgg+ demo of ``secagg_app.py`` instead (both
-the ServerApp and the ClientApp here delegate to it).
 """
 
 from __future__ import annotations
@@ -29,33 +26,16 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedlrm.federation.flower.protocol import push_and_pull
+
 server_app = ServerApp()
 client_app = ClientApp()
 
 
 # --------------------------------------------------------------------------- ServerApp
-def _push_pull(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2) -> list[Message]:
-    """Like ``grid.send_and_receive`` but polling every ``poll`` s instead of 3 s."""
-    pending = {mid for mid in grid.push_messages(messages) if mid}
-    replies: list[Message] = []
-    deadline = time.time() + timeout
-    while pending and time.time() < deadline:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if pending:
-            time.sleep(poll)
-    return replies
-
-
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
-    if cfg.get("mode") == "secagg":  # SecAgg+ demo lives in secagg_app.py
-        import secagg_app
-
-        secagg_app.main(grid, context)
-        return
     num_rounds = int(cfg["num-rounds"])
     expected = int(cfg["expected-nodes"])
     round_timeout = float(cfg["round-timeout"])
@@ -93,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
         if comm == "send_and_receive":
             replies = list(grid.send_and_receive(messages, timeout=round_timeout))
         else:
-            replies = _push_pull(grid, messages, round_timeout)
+            replies = push_and_pull(grid, messages, round_timeout)
         seen = []
         for rep in replies:
             entry: dict = {"src_node_id": rep.metadata.src_node_id}
@@ -122,10 +102,6 @@ def main(grid: Grid, context: Context) -> None:
 # --------------------------------------------------------------------------- ClientApp
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    if "secaggplus_configs" in msg.content.config_records:  # SecAgg+ demo (mode="secagg")
-        import secagg_app
-
-        return secagg_app.client_app(msg, context)
     pid = int(context.node_config.get("partition-id", -1))
     # context.state is a RecordDict that the SuperNode keeps between messages of a run.
     if "hello" not in context.state:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -62,3 +63,18 @@ def reply(message: Message, upload: State | None = None, **metrics: float) -> Me
 def digest(payload: bytes) -> str:
     """A short fingerprint of a payload, so both ends can show they saw the same bytes."""
     return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def push_and_pull(grid, messages: list[Message], timeout: float | None, poll: float = 0.2) -> list[Message]:
+    """Push messages and pull replies every `poll` s until all came back or `timeout` s passed
+    (None: until all). Flower's `Grid.send_and_receive` does the same but waits 3 s per pull."""
+    pending = {m for m in grid.push_messages(list(messages)) if m}
+    replies: list[Message] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while pending and (deadline is None or time.monotonic() < deadline):
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending:
+            time.sleep(poll)
+    return replies

@@ -12,7 +12,6 @@ upload (fedlease, fedpia, f3ocus) cannot use it, and neither can the per-upload 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from flwr.serverapp import Grid
 
 from fedlrm.algorithms import State
 from fedlrm.config import PrivacyConfig
+from fedlrm.federation.flower.protocol import push_and_pull
 
 
 def is_secagg(message: Message) -> bool:
@@ -66,16 +66,7 @@ class QuickPollGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages, *, timeout=None):
-        pending = {m for m in self._grid.push_messages(list(messages)) if m}
-        replies: list[Message] = []
-        end = None if timeout is None else time.monotonic() + timeout
-        while pending and (end is None or time.monotonic() < end):
-            got = list(self._grid.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(self._poll)
-        return replies
+        return push_and_pull(self._grid, messages, timeout, self._poll)
 
 
 class _MeanStrategy(Strategy):

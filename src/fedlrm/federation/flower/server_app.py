@@ -23,7 +23,8 @@ from fedlrm.algorithms import get_algorithm
 from fedlrm.config import RunConfig, load_config
 from fedlrm.data import load_federated_data
 from fedlrm.errors import FedLRMError
-from fedlrm.federation.flower.protocol import INFO, METRICS, STATE, digest, request, request_fields, unpack_state
+from fedlrm.federation.flower.protocol import (INFO, METRICS, STATE, digest, push_and_pull, request,
+                                              request_fields, unpack_state)
 from fedlrm.federation.flower.secagg import from_arrays, secure_mean
 from fedlrm.federation.server import EvalReply, Server, TrainReply
 from fedlrm.federation.simulation import new_run_dir, write_config
@@ -57,7 +58,7 @@ class FlowerTransport:
         unknown = sorted(live - set(self.client_of_node))
         if unknown:
             probes = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-            for answer in self.exchange(probes, min(self.timeout, 60.0)):
+            for answer in push_and_pull(self.grid, probes, min(self.timeout, 60.0), POLL_SECONDS):
                 if answer.has_error():
                     log.warning("SuperNode %d did not say which client it is: %s", answer.metadata.src_node_id,
                                 answer.error.reason)
@@ -79,19 +80,6 @@ class FlowerTransport:
         log.info("SuperNodes serve clients %s (waited for %d)", found, count)
 
     # ----- messaging
-    def exchange(self, messages: list[Message], timeout: float) -> list[Message]:
-        """Push messages and pull replies until all came back or `timeout` seconds passed."""
-        pending = {m for m in self.grid.push_messages(messages) if m}
-        replies: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            got = list(self.grid.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            if pending:
-                time.sleep(POLL_SECONDS)
-        return replies
-
     def send(self, kind: str, round_index: int, payloads: dict[int, bytes]) -> dict[int, Message]:
         clients = self.nodes()
         absent = sorted(set(payloads) - set(clients))
@@ -105,7 +93,7 @@ class FlowerTransport:
                     for c in sorted(payloads) if c in clients]
         answers: dict[int, Message] = {}
         node_client = {clients[c]: c for c in clients}
-        for answer in self.exchange(outgoing, self.timeout):
+        for answer in push_and_pull(self.grid, outgoing, self.timeout, POLL_SECONDS):
             client = node_client.get(answer.metadata.src_node_id)
             if answer.has_error():
                 log.warning("round %d: client %s failed to %s: %s", round_index, client, kind, answer.error.reason)
