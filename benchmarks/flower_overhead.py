@@ -14,18 +14,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-for flag, value in (("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-                    ("FLWR_TELEMETRY_ENABLED", "0")):
-    os.environ.setdefault(flag, value)
-
-from fedlrm.config import load_config  # noqa: E402
-from fedlrm.experiment import run_experiment  # noqa: E402
-from fedlrm.federation.flower.deploy import LocalDeployment  # noqa: E402
+from fedlrm.config import load_config
+from fedlrm.experiment import run_experiment
+from fedlrm.federation.flower.deploy import LocalDeployment
 
 APP = Path(__file__).resolve().parents[1] / "flower-app"
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -110,7 +110,6 @@ def cmd_compare(args) -> int:
 
 def cmd_flower(args) -> int:
     import json
-    import os
     import tempfile
     from pathlib import Path
 
@@ -118,9 +117,6 @@ def cmd_flower(args) -> int:
     from fedlrm.federation.flower.deploy import LocalDeployment
     from fedlrm.reporting import print_table
 
-    for flag, value in (("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
-                        ("FLWR_TELEMETRY_ENABLED", "0")):
-        os.environ.setdefault(flag, value)
     cfg = load_config(args.config, args.overrides)  # fail here, before any process starts
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedlrm-flower-")).resolve()
     config_file = work / "fedlrm.yaml"
