@@ -173,7 +173,10 @@ def test_secure_aggregation_gives_the_server_only_the_mean_and_matches_plain_ave
     started = []
     with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
         started += dep.spawned_pids()
-        result = dep.run(APP, flower_run_config(overrides + ["name=secagg", "privacy.secagg=true"]), timeout=900)
+        # max_weight bounds a client's examples (8 here): a loose bound (default 1000) shrinks each
+        # weighted upload towards SecAgg+'s quantisation step and the error grows with training.
+        result = dep.run(APP, flower_run_config(overrides + ["name=secagg", "privacy.secagg=true",
+                                                             "privacy.secagg_max_weight=10"]), timeout=900)
         started += dep.spawned_pids()
         assert result.ok, result.logs[-4000:]
     assert_all_ended(started)
