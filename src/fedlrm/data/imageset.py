@@ -98,16 +98,22 @@ class ImageSet:
         `shuffle` permutes with `generator` (torch's global generator if None); `augment`
         applies a random resized crop (scale 0.5-1) and horizontal flip, with random numbers
         from `generator` too, so a seeded generator makes the whole epoch reproducible."""
+        for index in self.index_batches(batch_size, shuffle=shuffle, generator=generator):
+            images = self._pool.images(self._positions[index])
+            if augment:
+                images = random_resized_crop_flip(images, generator)
+            yield images, self.labels[index]
+
+    def index_batches(self, batch_size: int, *, shuffle: bool = False,
+                      generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the positions (into this set) of each batch `batches` would yield, in the same
+        order and drawing the same random numbers, e.g. to batch features cached per image."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
-            index = order[start:start + batch_size]
-            images = self._pool.images(self._positions[index])
-            if augment:
-                images = random_resized_crop_flip(images, generator)
-            yield images, self.labels[index]
+            yield order[start:start + batch_size]
 
 
 @dataclass

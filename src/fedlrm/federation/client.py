@@ -33,11 +33,12 @@ class Client:
         upload = result.upload
         if privacy.enabled(self.cfg.privacy):
             upload = encode(privacy.privatize(decode(upload), decode(message), self.cfg.privacy))
-        return TrainReply(self.client_id, upload, len(self.split.train), result.stats.loss, result.stats.seconds)
+        return TrainReply(self.client_id, upload, len(self.split.train), result.stats.loss, result.stats.seconds,
+                          result.stats.compute_seconds)
 
     def evaluate(self, round_index: int, message: bytes) -> EvalReply:
         t0 = time.perf_counter()
         load_client(self.bundle, self.algorithm, self.cfg, self.client_id, self.state(), decode(message))
         result = evaluate(self.bundle.model, self.split.test, self.cfg.train.eval_batch_size, self.cfg.train)
         return EvalReply(self.client_id, result["accuracy"], result["loss"], result["examples"],
-                         len(self.split.train), time.perf_counter() - t0)
+                         len(self.split.train), time.perf_counter() - t0, result["forward_seconds"])

@@ -42,6 +42,7 @@ class TrainReply:
     num_examples: int
     train_loss: float | None = None
     train_seconds: float = 0.0
+    compute_seconds: float = 0.0  # of train_seconds, in forward, backward and optimiser steps
 
 
 @dataclass
@@ -52,6 +53,7 @@ class EvalReply:
     n_test: int
     n_train: int
     seconds: float = 0.0
+    forward_seconds: float = 0.0  # of seconds, in forward passes
 
 
 @dataclass
@@ -236,9 +238,18 @@ class Server:
             if rows:
                 round_row.update(client_accuracy_stats(rows))
                 bar.set_postfix(acc=f"{round_row['acc_weighted']:.4f}")
+            compute = sum(x.compute_seconds for x in replies.values())
+            compute += sum(row["eval_forward_seconds"] for row in rows)
             if r == last:
-                round_row.update(self.evaluate_global(global_state))
+                global_eval = self.evaluate_global(global_state)
+                compute += global_eval.pop("forward_seconds", 0.0)
+                round_row.update(global_eval)
             round_row["wall_seconds"] = time.perf_counter() - t0
+            # The runner's own share of the round: everything but forward, backward and
+            # optimiser steps (messages, checks, aggregation, data batching, checkpoints).
+            # Meaningful in-process, where clients run one after another on this clock.
+            round_row["compute_seconds"] = compute
+            round_row["overhead_share"] = max(0.0, 1.0 - compute / round_row["wall_seconds"])
             round_rows.append(round_row)
             if run_dir is not None:
                 save_checkpoint(run_dir, Checkpoint(r, global_state, transport.private_states(), client_rows,
@@ -262,6 +273,8 @@ class Server:
                 "bytes_up": len(reply.upload) if reply else 0,
                 "bytes_down": len(sent[c]) if reply else 0,
                 "eval_seconds": e.seconds,
+                "compute_seconds": reply.compute_seconds if reply else 0.0,
+                "eval_forward_seconds": e.forward_seconds,
             })
         return rows
 
@@ -271,7 +284,8 @@ class Server:
         model = personalize(self.bundle, self.algorithm, self.cfg, 0, {}, global_state)
         with self.algorithm.global_view(model):
             result = evaluate(model, self.global_test, self.cfg.train.eval_batch_size, self.cfg.train)
-        return {"global_accuracy": result["accuracy"], "global_loss": result["loss"]}
+        return {"global_accuracy": result["accuracy"], "global_loss": result["loss"],
+                "forward_seconds": result["forward_seconds"]}
 
     def write_rejections(self, run_dir: Path) -> None:
         if self.rejections:

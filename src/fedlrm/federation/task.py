@@ -21,6 +21,7 @@ from fedlrm.config import RunConfig, TrainConfig
 from fedlrm.federation.seeding import derive_seed
 from fedlrm.federation.wire import decode, encode
 from fedlrm.models import Backbone, ClipClassifier
+from fedlrm.models.frozen_prefix import cacheable_start, prefix_hidden
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ModelBundle:
 
 def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algorithm: Algorithm) -> ModelBundle:
     """The classifier with the algorithm's adapters on the configured image-encoder layers."""
+    backbone.set_activation_checkpointing(cfg.train.activation_checkpointing)
     bundle = ModelBundle(ClipClassifier(backbone, class_names, cfg.model.prompt), [], [])
     adapt(bundle, algorithm, cfg, algorithm.layout({}))
     return bundle
@@ -112,9 +114,29 @@ class TrainStats:
     examples: int
     steps: int
     seconds: float
+    #: time in forward, backward and optimiser steps (and in filling the frozen-prefix cache)
+    compute_seconds: float = 0.0
+    #: the image-encoder block training started from (0: the whole encoder ran every step)
+    cached_from_block: int = 0
 
 
-def train_locally(model: nn.Module, algorithm: Algorithm, train_set, received: State, cfg: RunConfig,
+def train_step(model: ClipClassifier, algorithm: Algorithm, inputs: torch.Tensor, labels: torch.Tensor,
+               received: State, optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_block: int = 0) -> float:
+    """One optimiser step on a batch; returns the batch's cross-entropy. `inputs` are images,
+    or with `start_block` > 0 the cached hidden states entering that block."""
+    device = labels.device
+    with autocast(cfg, device):
+        logits = model(inputs) if start_block == 0 else model.forward_from(inputs, start_block)
+    loss = F.cross_entropy(logits.float(), labels)
+    extra = algorithm.regularizer(model, received)
+    total = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def train_locally(model: ClipClassifier, algorithm: Algorithm, train_set, received: State, cfg: RunConfig,
                   round_index: int, client_id: int) -> TrainStats:
     """Local epochs of one client in one round. Every random number comes from seeds
     derived from (run seed, round, client), so a resumed run replays a round exactly."""
@@ -129,26 +151,30 @@ def train_locally(model: nn.Module, algorithm: Algorithm, train_set, received: S
     step = (round_index - 1) * t.local_epochs * steps_per_epoch
     device = next(model.buffers()).device
     model.train()
-    start, loss_sum, seen = time.perf_counter(), 0.0, 0
+    start, compute, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
+    first = cacheable_start(model, cfg.data.augment) if t.cache_frozen_features else 0
+    if first:
+        t0 = time.perf_counter()
+        hidden = prefix_hidden(model, train_set, first, t.batch_size, t.precision, lambda: autocast(t, device))
+        compute += time.perf_counter() - t0
     for _ in range(t.local_epochs):
-        for images, labels in train_set.batches(t.batch_size, shuffle=True, generator=generator,
-                                                augment=cfg.data.augment):
+        if first:
+            batches = ((hidden[i], train_set.labels[i]) for i in
+                       train_set.index_batches(t.batch_size, shuffle=True, generator=generator))
+        else:
+            batches = train_set.batches(t.batch_size, shuffle=True, generator=generator, augment=cfg.data.augment)
+        for inputs, labels in batches:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(t, step / total_steps)
-            images, labels = images.to(device), labels.to(device)
-            with autocast(t, device):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            extra = algorithm.regularizer(model, received)
-            total = loss if extra is None else loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(labels)
+            inputs, labels = inputs.to(device), labels.to(device)
+            t0 = time.perf_counter()
+            loss = train_step(model, algorithm, inputs, labels, received, optimizer, t, first)
+            compute += time.perf_counter() - t0
+            loss_sum += loss * len(labels)
             seen += len(labels)
             step += 1
     model.eval()
-    return TrainStats(loss_sum / max(seen, 1), seen, step, time.perf_counter() - start)
+    return TrainStats(loss_sum / max(seen, 1), seen, step, time.perf_counter() - start, compute, first)
 
 
 @torch.no_grad()
@@ -156,16 +182,18 @@ def evaluate(model: nn.Module, image_set, batch_size: int = 256, cfg: TrainConfi
     """Accuracy and mean cross-entropy over an image set (logits over all classes)."""
     model.eval()
     device = next(model.buffers()).device
-    correct, loss_sum, n = 0, 0.0, 0
+    correct, loss_sum, n, forward = 0, 0.0, 0, 0.0
     for images, labels in image_set.batches(batch_size):
         images, labels = images.to(device), labels.to(device)
+        t0 = time.perf_counter()
         with autocast(cfg or TrainConfig(), device):
             logits = model(images).float()
+        forward += time.perf_counter() - t0
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(dim=-1) == labels).sum().item()
         n += len(labels)
     return {"accuracy": correct / n if n else float("nan"), "loss": loss_sum / n if n else float("nan"),
-            "correct": correct, "examples": n}
+            "correct": correct, "examples": n, "forward_seconds": forward}
 
 
 @dataclass

@@ -38,6 +38,23 @@ class Backbone(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
 
+    def blocks(self) -> list[nn.Module] | None:
+        """The image encoder's transformer blocks in order, if the backend can run them in two
+        parts (`hidden_before` and `features_from`); None otherwise."""
+        return None
+
+    def hidden_before(self, pixel_values: torch.Tensor, start: int) -> torch.Tensor:
+        """The hidden states that enter block `start` (embeddings and blocks 0..start-1)."""
+        raise NotImplementedError
+
+    def features_from(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Normalised image features from the hidden states entering block `start`."""
+        raise NotImplementedError
+
+    def set_activation_checkpointing(self, enabled: bool) -> bool:
+        """Recompute block activations in the backward pass; False if the backend cannot."""
+        return False
+
     def freeze(self) -> "Backbone":
         for p in self.parameters():
             p.requires_grad_(False)
@@ -61,6 +78,33 @@ class HFClipBackbone(Backbone):
     def image_features(self, pixel_values):
         pooled = self.image_encoder(pixel_values=pixel_values).pooler_output
         return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    def blocks(self):
+        return list(self.image_encoder.encoder.layers)
+
+    def hidden_before(self, pixel_values, start):
+        # the same calls, in the same order, as CLIPVisionModel.forward and CLIPEncoder.forward
+        encoder = self.image_encoder
+        hidden = encoder.pre_layrnorm(encoder.embeddings(pixel_values))
+        for layer in encoder.encoder.layers[:start]:
+            hidden = layer(hidden, None)
+        return hidden
+
+    def features_from(self, hidden, start):
+        encoder = self.image_encoder
+        for layer in encoder.encoder.layers[start:]:
+            hidden = layer(hidden, None)
+        pooled = encoder.post_layernorm(hidden[:, 0, :])
+        return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    def set_activation_checkpointing(self, enabled):
+        if enabled:
+            # non-reentrant: the blocks' inputs need not require grad (the encoder is frozen)
+            self.image_encoder.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.image_encoder.activation_checkpointing_disable()
+        return True
 
     @torch.no_grad()
     def text_features(self, prompts):
@@ -89,6 +133,12 @@ class OpenClipBackbone(Backbone):
 
     def image_features(self, pixel_values):
         return F.normalize(self.image_encoder(pixel_values), dim=-1)
+
+    def set_activation_checkpointing(self, enabled):
+        if not hasattr(self.image_encoder, "set_grad_checkpointing"):
+            return False
+        self.image_encoder.set_grad_checkpointing(enabled)
+        return True
 
     @torch.no_grad()
     def text_features(self, prompts):
@@ -174,7 +224,13 @@ class ClipClassifier(nn.Module):
         return self.backbone.image_encoder
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.backbone.image_features(pixel_values)
+        return self.logits(self.backbone.image_features(pixel_values))
+
+    def forward_from(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits from the hidden states entering block `start` (see `Backbone.hidden_before`)."""
+        return self.logits(self.backbone.features_from(hidden, start))
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logit_scale * features @ self.text_features.t()
 
     @property

@@ -56,6 +56,7 @@ def train(message: Message, context: Context) -> Message:
     node.save_private(node.round)
     return reply(message, decode(result.upload), client=node.client_id, num_examples=result.num_examples,
                  train_loss=result.train_loss, train_seconds=result.train_seconds,
+                 compute_seconds=result.compute_seconds,
                  received_digest=digest(node.payload))
 
 
@@ -66,7 +67,8 @@ def evaluate(message: Message, context: Context) -> Message:
     if node.meta.get("final"):
         node.export()
     return reply(message, client=node.client_id, accuracy=result.accuracy, loss=result.loss,
-                 n_test=result.n_test, n_train=result.n_train, eval_seconds=result.seconds)
+                 n_test=result.n_test, n_train=result.n_train, eval_seconds=result.seconds,
+                 forward_seconds=result.forward_seconds)
 
 
 def train_for_secure_aggregation(message: Message, context: Context) -> Message:

@@ -111,7 +111,8 @@ class FlowerTransport:
         for c, answer in self.send("train", round_index, messages).items():
             m = answer.content[METRICS]
             out[c] = TrainReply(c, unpack_state(answer.content.get(STATE)), int(m["num_examples"]),
-                                m.get("train_loss"), float(m.get("train_seconds", 0.0)))
+                                m.get("train_loss"), float(m.get("train_seconds", 0.0)),
+                                float(m.get("compute_seconds", 0.0)))
         return out
 
     def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]:
@@ -119,7 +120,7 @@ class FlowerTransport:
         for c, answer in self.send("evaluate", round_index, messages).items():
             m = answer.content[METRICS]
             out[c] = EvalReply(c, float(m["accuracy"]), float(m["loss"]), int(m["n_test"]), int(m["n_train"]),
-                               float(m.get("eval_seconds", 0.0)))
+                               float(m.get("eval_seconds", 0.0)), float(m.get("forward_seconds", 0.0)))
         return out
 
     def secure_train(self, round_index: int, messages: dict[int, bytes], schema):
