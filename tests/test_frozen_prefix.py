@@ -117,3 +117,10 @@ def test_rounds_record_compute_time_and_runner_overhead(tiny_overrides):
         compute, wall, share = (float(row[k]) for k in ("compute_seconds", "wall_seconds", "overhead_share"))
         assert 0 < compute <= wall
         assert share == pytest.approx(1 - compute / wall)
+
+
+def test_negative_target_layers_count_from_the_top(tiny_overrides, deep_clip_dir):
+    _, top, _ = setup(tiny_overrides, f"model.name={deep_clip_dir}", "model.target_layers=[-1]")
+    _, explicit, _ = setup(tiny_overrides, f"model.name={deep_clip_dir}", "model.target_layers=[2]")
+    assert top.adapted_modules == explicit.adapted_modules
+    assert all(".layers.2." in name for name in top.adapted_modules)

@@ -31,7 +31,7 @@ class ModelConfig:
     prompt: str = "a photo of a {}."
     # Suffixes of image-encoder linear layers that carry adapters (q and v projections).
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    # Only blocks with these indices are adapted; empty means every block.
+    # Only blocks with these indices are adapted (negative: from the top, -1 the last); empty: every block.
     target_layers: list[int] = field(default_factory=list)
 
 

@@ -22,10 +22,14 @@ def inject_adapters(
 ) -> list[str]:
     """Replace every `nn.Linear` under `root` whose name ends with a target by `make(linear)`.
 
-    `target_layers` restricts this to blocks with those indices. Returns the adapted
-    module names (relative to `root`), in model order.
+    `target_layers` restricts this to blocks with those indices; negative ones count from
+    the top (-1 is the last block), so [-4, -3, -2, -1] is the top third of a 12-block
+    encoder. Returns the adapted module names (relative to `root`), in model order.
     """
     linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear) and n]
+    if target_layers and any(i < 0 for i in target_layers):
+        depth = 1 + max((int(f.group(1)) for n, _ in linears if (f := BLOCK_INDEX.search(n + "."))), default=-1)
+        target_layers = [i + depth if i < 0 else i for i in target_layers]
     chosen = []
     for name, module in linears:
         if name.rsplit(".", 1)[-1] not in target_modules:
