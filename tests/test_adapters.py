@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedlrm.adapters import (AdaptedLinear, FixedMix, LoRAExpert, SoftmaxGate, adapter_parameters, get_state,
+from fedlrm.adapters import (AdaptedLinear, FixedMix, LoRAExpert, SoftmaxGate, TopMRouter, adapter_parameters, get_state,
                              inject_adapters, only_expert, reset_adapters, set_state)
 from fedlrm.config import ModelConfig, load_config
 from fedlrm.errors import ModelError
@@ -68,6 +68,31 @@ def test_mixture_is_gate_weighted_sum_of_experts_and_only_expert_isolates_one():
     with only_expert(layer, "global"):
         torch.testing.assert_close(layer(x), base(x) + g(x))
     torch.testing.assert_close(layer(x), expected)  # restored afterwards
+
+
+@pytest.mark.parametrize("mixer", [SoftmaxGate(8, 3, "token"), TopMRouter(8, 3), FixedMix([0.2, 0.3, 0.5])])
+def test_stacked_experts_give_the_per_expert_sum_and_its_gradients(mixer):
+    """The layer computes the mixture as one product of the stacked experts; values and
+    gradients must equal the sum over experts with their own ranks and scalings."""
+    torch.manual_seed(2)
+    base = nn.Linear(8, 6)
+    experts = {"a": LoRAExpert(8, 6, 4, 8.0), "b": LoRAExpert(8, 6, 2, 1.0), "c": LoRAExpert(8, 6, 1, 3.0)}
+    with torch.no_grad():
+        for e in experts.values():
+            e.B.normal_()
+        for p in mixer.parameters():
+            p.normal_()
+    layer = AdaptedLinear(base, experts, mixer)
+    x = torch.randn(3, 5, 8)
+    fused = layer(x)
+    w = mixer(x)
+    looped = base(x) + sum(w[..., i:i + 1] * e(x) for i, e in enumerate(experts.values()))
+    torch.testing.assert_close(fused, looped)
+    params = [p for e in experts.values() for p in (e.A, e.B)]
+    g_fused = torch.autograd.grad(fused.square().sum(), params)
+    g_loop = torch.autograd.grad(looped.square().sum(), params)
+    for a, b in zip(g_fused, g_loop):
+        torch.testing.assert_close(a, b)
 
 
 def test_fixed_mix_is_apfl_half_and_half():

@@ -161,9 +161,29 @@ class AdaptedLinear(nn.Module):
         if not self.experts:
             return y
         weights = self.mixer(x)
-        for i, expert in enumerate(self.experts.values()):
-            y = y + weights[..., i : i + 1] * expert(x)
-        return y
+        experts = list(self.experts.values())
+        if any(not isinstance(e.dropout, nn.Identity) for e in experts):
+            for i, expert in enumerate(experts):  # each expert draws its own dropout mask
+                y = y + weights[..., i : i + 1] * expert(x)
+            return y
+        # sum_e w_e s_e B_e A_e x as one low-rank product of the stacked experts: two matrix
+        # products for all experts instead of two per expert, and the mixing weights scale the
+        # rank-sized hidden vector rather than each expert's full-width output.
+        down = torch.cat([e.A for e in experts])  # (sum of ranks, d_in)
+        up = torch.cat([e.B for e in experts], dim=1)  # (d_out, sum of ranks)
+        hidden = (x @ down.t()) * (weights @ self._rank_spread(experts, weights))
+        return y + hidden @ up.t()
+
+    def _rank_spread(self, experts: list[LoRAExpert], like: torch.Tensor) -> torch.Tensor:
+        """(n_experts, sum of ranks): row e holds expert e's scaling on its rank's columns."""
+        key = tuple((e.rank, e.scaling) for e in experts)
+        spread = getattr(self, "_spread", None)
+        if spread is None or self._spread_key != key:
+            spread = torch.block_diag(*[torch.full((1, e.rank), e.scaling) for e in experts])
+            self._spread, self._spread_key = spread, key
+        if spread.device != like.device or spread.dtype != like.dtype:
+            spread = self._spread = spread.to(like.device, like.dtype)
+        return spread
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for expert in self.experts.values():
