@@ -124,3 +124,28 @@ def test_negative_target_layers_count_from_the_top(tiny_overrides, deep_clip_dir
     _, explicit, _ = setup(tiny_overrides, f"model.name={deep_clip_dir}", "model.target_layers=[2]")
     assert top.adapted_modules == explicit.adapted_modules
     assert all(".layers.2." in name for name in top.adapted_modules)
+
+
+def test_auto_activation_checkpointing_is_on_for_vit_b16_and_off_for_small_models(tiny_overrides):
+    from types import SimpleNamespace
+
+    from transformers import CLIPVisionConfig
+
+    from fedlrm.config import TrainConfig
+    from fedlrm.federation.task import use_activation_checkpointing
+    from fedlrm.models.backbone import HFClipBackbone
+
+    def backbone(**sizes):
+        fake = SimpleNamespace(image_encoder=SimpleNamespace(config=CLIPVisionConfig(**sizes)))
+        fake.activation_bytes = lambda batch: HFClipBackbone.activation_bytes(fake, batch)
+        return fake
+
+    vit_b16 = backbone(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16)
+    small = backbone(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                     image_size=32, patch_size=4)
+    auto = TrainConfig()
+    assert auto.activation_checkpointing is None
+    assert use_activation_checkpointing(vit_b16, auto) and not use_activation_checkpointing(small, auto)
+    assert use_activation_checkpointing(small, TrainConfig(activation_checkpointing=True))
+    assert not use_activation_checkpointing(vit_b16, TrainConfig(activation_checkpointing=False))

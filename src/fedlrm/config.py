@@ -85,9 +85,10 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, mps
     precision: str = "fp32"  # fp32 | bf16 (autocast for forward passes)
     # Recompute each encoder block's activations in the backward pass instead of keeping them:
-    # exact (same results), costs a forward of the trained blocks, and is what fits ViT-B/16
-    # training at batch 32 on a CPU in a few GiB (benchmarks/cost.py).
-    activation_checkpointing: bool = True
+    # exact (same results) but costs about one more forward pass. true | false | null (auto: on
+    # when a training step would keep more than 2 GiB of activations, e.g. ViT-B/16 at batch 32;
+    # off for the small built-in model, where it would only slow training). benchmarks/cost.py.
+    activation_checkpointing: Optional[bool] = None
     # When the lowest adapted block is above the first and no augmentation applies, compute the
     # frozen blocks below it once per training image and reuse their output in every local epoch
     # (and later rounds): exact, and skips most of the forward pass.

@@ -37,10 +37,22 @@ class ModelBundle:
 
 def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algorithm: Algorithm) -> ModelBundle:
     """The classifier with the algorithm's adapters on the configured image-encoder layers."""
-    backbone.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    backbone.set_activation_checkpointing(use_activation_checkpointing(backbone, cfg.train))
     bundle = ModelBundle(ClipClassifier(backbone, class_names, cfg.model.prompt), [], [])
     adapt(bundle, algorithm, cfg, algorithm.layout({}))
     return bundle
+
+
+CHECKPOINT_ABOVE_BYTES = 2 * 2**30
+
+
+def use_activation_checkpointing(backbone: Backbone, cfg: TrainConfig) -> bool:
+    """The setting, or in auto mode whether a step would keep more than 2 GiB of activations
+    (unknown sizes count as large: running out of memory is worse than running slower)."""
+    if cfg.activation_checkpointing is not None:
+        return cfg.activation_checkpointing
+    estimate = backbone.activation_bytes(cfg.batch_size)
+    return estimate is None or estimate > CHECKPOINT_ABOVE_BYTES
 
 
 def adapt(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, layout: object) -> None:

@@ -55,6 +55,11 @@ class Backbone(nn.Module):
         """Recompute block activations in the backward pass; False if the backend cannot."""
         return False
 
+    def activation_bytes(self, batch_size: int) -> int | None:
+        """Rough fp32 bytes of activations a training step of the whole encoder keeps for the
+        backward pass; None if unknown."""
+        return None
+
     def freeze(self) -> "Backbone":
         for p in self.parameters():
             p.requires_grad_(False)
@@ -96,6 +101,14 @@ class HFClipBackbone(Backbone):
             hidden = layer(hidden, None)
         pooled = encoder.post_layernorm(hidden[:, 0, :])
         return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    def activation_bytes(self, batch_size):
+        c = self.image_encoder.config
+        tokens = (c.image_size // c.patch_size) ** 2 + 1
+        # per token and block: layer-norm, q/k/v, attention and MLP outputs (about 13 widths
+        # of hidden plus 4 of the MLP's) and one row of attention probabilities per head
+        per_token = 13 * c.hidden_size + c.intermediate_size + c.num_attention_heads * tokens
+        return 4 * per_token * tokens * c.num_hidden_layers * batch_size
 
     def set_activation_checkpointing(self, enabled):
         if enabled:
