@@ -24,12 +24,14 @@ def f3ocus_model(tiny_clip_dir, *overrides):
     return cfg, algo, bundle.model
 
 
-def test_ntk_eigenvalue_equals_eigendecomposition_of_explicit_gram(tiny_clip_dir):
+@pytest.mark.parametrize("classes", [None, [0, 2]])
+def test_ntk_eigenvalue_equals_eigendecomposition_of_explicit_gram(tiny_clip_dir, classes):
+    """Over all logits, or only those of the classes a client holds (what clients send)."""
     _, _, model = f3ocus_model(tiny_clip_dir)
     images = torch.randn(3, 3, 16, 16)
-    scores = ntk_scores(model, images)
+    scores = ntk_scores(model, images, classes)
     params = {k: p for k, p in model.named_parameters() if ".experts." in k}
-    logits = model(images).flatten()
+    logits = (model(images) if classes is None else model(images)[:, classes]).flatten()
     eig = []
     for b in (0, 1):
         mine = [p for k, p in params.items() if block_of(k) == b]
