@@ -138,6 +138,7 @@ def test_auto_activation_checkpointing_is_on_for_vit_b16_and_off_for_small_model
     def backbone(**sizes):
         fake = SimpleNamespace(image_encoder=SimpleNamespace(config=CLIPVisionConfig(**sizes)))
         fake.activation_bytes = lambda batch: HFClipBackbone.activation_bytes(fake, batch)
+        fake.blocks = lambda: [None] * fake.image_encoder.config.num_hidden_layers
         return fake
 
     vit_b16 = backbone(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -149,3 +150,7 @@ def test_auto_activation_checkpointing_is_on_for_vit_b16_and_off_for_small_model
     assert use_activation_checkpointing(vit_b16, auto) and not use_activation_checkpointing(small, auto)
     assert use_activation_checkpointing(small, TrainConfig(activation_checkpointing=True))
     assert not use_activation_checkpointing(vit_b16, TrainConfig(activation_checkpointing=False))
+    # only the top third trains: a third of the activations are kept, under the threshold
+    assert not use_activation_checkpointing(vit_b16, auto, [-4, -3, -2, -1])
+    assert not use_activation_checkpointing(vit_b16, auto, [8, 9, 10, 11])
+    assert use_activation_checkpointing(vit_b16, auto, [2, 11])

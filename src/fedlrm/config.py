@@ -86,7 +86,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast for forward passes)
     # Recompute each encoder block's activations in the backward pass instead of keeping them:
     # exact (same results) but costs about one more forward pass. true | false | null (auto: on
-    # when a training step would keep more than 2 GiB of activations, e.g. ViT-B/16 at batch 32;
+    # when a training step would keep more than 2 GiB of activations (of the blocks from the lowest
+    # adapted one up), e.g. ViT-B/16 at batch 32 with every block adapted;
     # off for the small built-in model, where it would only slow training). benchmarks/cost.py.
     activation_checkpointing: Optional[bool] = None
     # When the lowest adapted block is above the first and no augmentation applies, compute the

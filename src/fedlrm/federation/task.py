@@ -37,7 +37,7 @@ class ModelBundle:
 
 def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algorithm: Algorithm) -> ModelBundle:
     """The classifier with the algorithm's adapters on the configured image-encoder layers."""
-    backbone.set_activation_checkpointing(use_activation_checkpointing(backbone, cfg.train))
+    backbone.set_activation_checkpointing(use_activation_checkpointing(backbone, cfg.train, cfg.model.target_layers))
     bundle = ModelBundle(ClipClassifier(backbone, class_names, cfg.model.prompt), [], [])
     adapt(bundle, algorithm, cfg, algorithm.layout({}))
     return bundle
@@ -46,13 +46,20 @@ def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algo
 CHECKPOINT_ABOVE_BYTES = 2 * 2**30
 
 
-def use_activation_checkpointing(backbone: Backbone, cfg: TrainConfig) -> bool:
+def use_activation_checkpointing(backbone: Backbone, cfg: TrainConfig, target_layers: list[int] = ()) -> bool:
     """The setting, or in auto mode whether a step would keep more than 2 GiB of activations
-    (unknown sizes count as large: running out of memory is worse than running slower)."""
+    (unknown sizes count as large: running out of memory is worse than running slower).
+    Only blocks from the lowest adapted one up keep activations for the backward pass."""
     if cfg.activation_checkpointing is not None:
         return cfg.activation_checkpointing
     estimate = backbone.activation_bytes(cfg.batch_size)
-    return estimate is None or estimate > CHECKPOINT_ABOVE_BYTES
+    if estimate is None:
+        return True
+    blocks = backbone.blocks()
+    if target_layers and blocks:
+        lowest = min(i + len(blocks) if i < 0 else i for i in target_layers)
+        estimate = estimate * (len(blocks) - lowest) / len(blocks)
+    return estimate > CHECKPOINT_ABOVE_BYTES
 
 
 def adapt(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, layout: object) -> None:
