@@ -93,7 +93,7 @@ def make_plan(args) -> Plan:
     # local training for caching: 10 epochs of 128 images on the small model; ViT-B/16 gets 4
     # epochs of 32 images (one batch) to stay at a couple of minutes
     return Plan(quick=False, threads=args.threads, batch=32, archs=archs, rounds=args.rounds, overhead_overrides=[],
-                prefix={"small": (128, 10), "ViT-B/16": (32, 4)}, matmul_reps=10)
+                prefix={"small": (128, 10), "ViT-B/16": (32, 10)}, matmul_reps=10)
 
 
 # ------------------------------------------------------------------------ memory of a process
@@ -235,8 +235,13 @@ def checkpointing_info(bundle, cfg) -> dict:
 
     backbone = bundle.model.backbone
     estimate = backbone.activation_bytes(cfg.train.batch_size)
-    return {"checkpointing": use_activation_checkpointing(backbone, cfg.train),
-            "auto_checkpointing": use_activation_checkpointing(backbone, replace(cfg.train, activation_checkpointing=None)),
+    layers = cfg.model.target_layers
+    blocks = backbone.blocks() or []
+    # what the model really does (HF layers carry the flag), not a recomputation of the rule
+    actual = any(getattr(block, "gradient_checkpointing", False) for block in blocks)
+    return {"checkpointing": actual,
+            "auto_checkpointing": use_activation_checkpointing(
+                backbone, replace(cfg.train, activation_checkpointing=None), layers),
             "activation_estimate_mib": None if estimate is None else estimate / 2**20}
 
 
@@ -859,7 +864,7 @@ def report_prefix(rep: Report, px: dict, plan: Plan) -> None:
     sizes = "; ".join(f"{arch}: {n} images x {e} epochs" for arch, (n, e) in plan.prefix.items())
     rep.text("Wall time of one client's `train_locally` (round 1, same seed, same random images), including "
              "the one-off pass through the frozen blocks; a forward/backward warm-up before it in both processes. "
-             f"{sizes} (ViT-B/16 gets fewer, to keep it to a couple of minutes).")
+             f"{sizes} (ViT-B/16 gets fewer images, to keep it to a few minutes).")
     rows = []
     for arch, c in px["caching"].items():
         if "speedup" not in c:
@@ -871,7 +876,7 @@ def report_prefix(rep: Report, px: dict, plan: Plan) -> None:
                      c["off"]["cached_from_block"], "yes" if c["weights_equal"] else f"no ({c['max_abs_diff']:.2g})",
                      "yes" if c["loss_equal"] else "no"])
     rep.table(["arch", "adapted blocks", "images x epochs", "cache on s", "cache off s", "speed-up",
-               "ckpt (auto)", "cached from block (on)", "(off)", "weights identical", "loss identical"], rows)
+               "ckpt (auto, as run)", "cached from block (on)", "(off)", "weights identical", "loss identical"], rows)
     rows = [[name, fmt(r["on_ms"]), fmt(r["off_ms"]), fmt(100 * r["cost"], "+.0f"), fmt(r["on_increment_mib"], ".0f"),
              fmt(r["off_increment_mib"], ".0f")] for name, r in px["checkpointing_small"].items()]
     rep.text(f"Activation checkpointing on the small model (batch {plan.batch}, every block adapted):")
@@ -894,6 +899,10 @@ def write_report(results: dict, plan: Plan, out: Path) -> None:
              f"(load average {results['load_average']['before'][0]:.2f} before, "
              f"{results['load_average']['after'][0]:.2f} after)"
              + (": the timings are DISTURBED." if cpu["others_share"] > 0.05 else "."))
+    for rerun in results.get("reruns", []):
+        rep.text(f"Section `{rerun['section']}` was measured again by `{rerun['command']}` at {rerun['started']} "
+                 f"({rerun['seconds'] / 60:.1f} min; other processes used {100 * rerun['others_share']:.0f} % of the CPU"
+                 + (": DISTURBED)." if rerun["others_share"] > 0.05 else ")") + "; its figures below are from that run.")
     rep.heading("Targets")
     rep.bullets(results["targets"])
     sections = {"steps": lambda r: report_steps(rep, r, plan), "overhead": lambda r: report_overhead(rep, r),
@@ -932,6 +941,9 @@ def parse_args():
     parser.add_argument("--profile", action="store_true",
                         help="break the runner overhead down with cProfile even if it meets its target")
     parser.add_argument("--out", help="results file stem (default results/cost, cost-quick or cost-<section>)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: replace that section in the existing results (default results/cost) "
+                             "and note the rerun in the report, instead of writing a file of its own")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement in its own process
     return parser.parse_args()
 
@@ -944,11 +956,26 @@ def main() -> None:
     plan = make_plan(args)
     plan.sections = [args.only] if args.only else list(SECTIONS)
     plan.profile = args.profile
-    stem = "cost" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    stem = "cost" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only and not args.merge else "")
     out = Path(args.out) if args.out else RESULTS / stem
-    results = {"command": " ".join(["python", "benchmarks/cost.py", *sys.argv[1:]]), "plan": asdict(plan), "machine": machine_info(plan.threads),
-               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "load_average": {"before": os.getloadavg()}}
+    command = " ".join(["python", "benchmarks/cost.py", *sys.argv[1:]])
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if args.merge:
+        if not args.only or not out.with_suffix(".json").is_file():
+            raise SystemExit(f"--merge needs --only and an earlier full run in {out.with_suffix('.json')}")
+        merged = json.loads(out.with_suffix(".json").read_text())
+        start, busy0, own0 = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
+        with tempfile.TemporaryDirectory(prefix="fedlrm-cost-") as work:
+            merged[args.only] = SECTION_FUNCS[args.only](Runner(plan, Path(work)))
+        seconds = time.perf_counter() - start
+        others = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
+        merged.setdefault("reruns", []).append({"section": args.only, "command": command, "started": started,
+                                                "seconds": seconds, "others_share": others / (seconds * os.cpu_count())})
+        merged["targets"] = target_lines(merged)
+        write_report(merged, plan, out)
+        return
+    results = {"command": command, "plan": asdict(plan), "machine": machine_info(plan.threads),
+               "started": started, "load_average": {"before": os.getloadavg()}}
     start, busy0, own0 = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
     with tempfile.TemporaryDirectory(prefix="fedlrm-cost-") as work:
         runner = Runner(plan, Path(work))
