@@ -43,8 +43,12 @@ class Backbone(nn.Module):
         parts (`hidden_before` and `features_from`); None otherwise."""
         return None
 
+    def stem(self) -> list[nn.Module]:
+        """The modules that run before the first block (patch embedding, first norm), in order."""
+        raise NotImplementedError
+
     def hidden_before(self, pixel_values: torch.Tensor, start: int) -> torch.Tensor:
-        """The hidden states that enter block `start` (embeddings and blocks 0..start-1)."""
+        """The hidden states that enter block `start`: the stem, then blocks 0..start-1."""
         raise NotImplementedError
 
     def features_from(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
@@ -87,19 +91,22 @@ class HFClipBackbone(Backbone):
     def blocks(self):
         return list(self.image_encoder.encoder.layers)
 
+    def stem(self):
+        return [self.image_encoder.embeddings, self.image_encoder.pre_layrnorm]
+
     def hidden_before(self, pixel_values, start):
         # the same calls, in the same order, as CLIPVisionModel.forward and CLIPEncoder.forward
-        encoder = self.image_encoder
-        hidden = encoder.pre_layrnorm(encoder.embeddings(pixel_values))
-        for layer in encoder.encoder.layers[:start]:
-            hidden = layer(hidden, None)
+        hidden = pixel_values
+        for module in self.stem():
+            hidden = module(hidden)
+        for block in self.blocks()[:start]:
+            hidden = block(hidden, None)
         return hidden
 
     def features_from(self, hidden, start):
-        encoder = self.image_encoder
-        for layer in encoder.encoder.layers[start:]:
-            hidden = layer(hidden, None)
-        pooled = encoder.post_layernorm(hidden[:, 0, :])
+        for block in self.blocks()[start:]:
+            hidden = block(hidden, None)
+        pooled = self.image_encoder.post_layernorm(hidden[:, 0, :])
         return F.normalize(self.visual_projection(pooled), dim=-1)
 
     def activation_bytes(self, batch_size):

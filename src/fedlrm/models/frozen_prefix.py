@@ -3,8 +3,9 @@
 When only the top blocks of the image encoder train, everything below them is a fixed
 function of the image during local training. Without augmentation, its output for a
 training image is the same in every local epoch (and, if those blocks carry no adapters,
-in every round), so it is computed once and kept; training then runs only the top blocks. The cached path calls the same modules in the same order as the
-full forward pass, so its results equal the full pass (tests/test_frozen_prefix.py).
+in every round), so it is computed once and kept; training then runs only the top blocks.
+The cached path calls the same modules in the same order as the full forward pass, so its
+results equal the full pass (tests/test_frozen_prefix.py).
 """
 
 from __future__ import annotations
@@ -63,10 +64,7 @@ def cacheable_start(model: ClipClassifier, augment: bool) -> int:
     start = first_trained_block(model)
     if augment or not start:
         return 0
-    blocks = model.backbone.blocks()
-    encoder = model.backbone.image_encoder
-    stem = [m for name, m in encoder.named_children() if name not in ("encoder", "post_layernorm")]
-    if _stochastic(blocks[:start] + stem):
+    if _stochastic(model.backbone.stem() + model.backbone.blocks()[:start]):
         log.info("not caching the frozen blocks: they contain dropout, which must be drawn per step")
         return 0
     return start
