@@ -29,7 +29,7 @@ def inject_adapters(
     linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear) and n]
     if target_layers and any(i < 0 for i in target_layers):
         depth = 1 + max((int(f.group(1)) for n, _ in linears if (f := BLOCK_INDEX.search(n + "."))), default=-1)
-        target_layers = [i + depth if i < 0 else i for i in target_layers]
+        target_layers = block_indices(target_layers, depth)
     chosen = []
     for name, module in linears:
         if name.rsplit(".", 1)[-1] not in target_modules:
@@ -51,6 +51,11 @@ def inject_adapters(
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, child, make(module))
     return [name for name, _ in chosen]
+
+
+def block_indices(target_layers: list[int], depth: int) -> list[int]:
+    """`model.target_layers` of an encoder with `depth` blocks, negative ones counted from the top."""
+    return [i + depth if i < 0 else i for i in target_layers]
 
 
 def strip_adapters(root: nn.Module) -> int:

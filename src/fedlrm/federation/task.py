@@ -16,6 +16,7 @@ from torch import nn
 
 from fedlrm.adapters import (adapter_parameters, get_state, inject_adapters, reset_adapters, set_state,
                              strip_adapters)
+from fedlrm.adapters.inject import block_indices
 from fedlrm.algorithms import Algorithm, State
 from fedlrm.config import RunConfig, TrainConfig
 from fedlrm.federation.seeding import derive_seed
@@ -57,7 +58,7 @@ def use_activation_checkpointing(backbone: Backbone, cfg: TrainConfig, target_la
         return True
     blocks = backbone.blocks()
     if target_layers and blocks:
-        lowest = min(i + len(blocks) if i < 0 else i for i in target_layers)
+        lowest = min(block_indices(target_layers, len(blocks)))
         estimate = estimate * (len(blocks) - lowest) / len(blocks)
     return estimate > CHECKPOINT_ABOVE_BYTES
 
