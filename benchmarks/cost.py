@@ -356,8 +356,6 @@ def warm_up(model, images, labels) -> None:
 def overhead_child(spec: dict) -> dict:
     """The built-in default federation in-process; rounds.csv's compute and overhead per round.
     If the overhead is above target, one more run under cProfile breaks it down."""
-    import csv
-
     from fedlrm.config import load_config
     from fedlrm.experiment import run_experiment
 
@@ -366,9 +364,9 @@ def overhead_child(spec: dict) -> dict:
     start = time.perf_counter()
     result = run_experiment(load_config(None, [*base, "name=overhead"]), progress=False)
     total = time.perf_counter() - start
-    with (result.run_dir / "rounds.csv").open() as f:
-        rows = [{k: float(r[k]) for k in ("round", "wall_seconds", "compute_seconds", "overhead_share",
-                                          "train_seconds")} for r in csv.DictReader(f)]
+    # the rows rounds.csv is written from
+    rows = [{k: float(r[k]) for k in ("round", "wall_seconds", "compute_seconds", "overhead_share", "train_seconds")}
+            for r in result.round_rows]
     shown = [o for o in base if not o.startswith("output_dir=")]  # a temporary directory
     out = {"config": shown, "rounds": rows, "run_s": total,
            "mean_overhead_share": statistics.mean(r["overhead_share"] for r in rows)}
