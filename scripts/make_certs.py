@@ -12,28 +12,15 @@ Writes ``ca.crt``, ``ca.key``, ``server.pem``, ``server.key`` and, with ``--supe
     flower-supernode --root-certificates OUT/ca.crt \\
         [--auth-supernode-private-key OUT/supernode-0] ...
 
-The functions live in ``fedlrm.federation.flower.certs``.
+The functions live in ``fedlrm.tools.certs``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-try:
-    from fedlrm.federation.flower.certs import (
-        DEFAULT_HOSTS,
-        generate_supernode_keys,
-        generate_tls_certs,
-    )
-except ImportError:  # run from a checkout without an (up-to-date) install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedlrm.federation.flower.certs import (
-        DEFAULT_HOSTS,
-        generate_supernode_keys,
-        generate_tls_certs,
-    )
+from fedlrm.tools.certs import DEFAULT_HOSTS, generate_supernode_keys, generate_tls_certs
 
 
 def main(argv: list[str] | None = None) -> int:

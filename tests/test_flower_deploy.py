@@ -19,21 +19,8 @@ import pytest
 
 pytestmark = pytest.mark.flower
 
-try:
-    from fedlrm.federation.flower.certs import generate_supernode_keys
-    from fedlrm.federation.flower.deploy import (
-        LocalDeployment,
-        find_free_port,
-        pid_alive,
-    )
-except ImportError:  # editable install pointing elsewhere: use this checkout's src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedlrm.federation.flower.certs import generate_supernode_keys
-    from fedlrm.federation.flower.deploy import (
-        LocalDeployment,
-        find_free_port,
-        pid_alive,
-    )
+from fedlrm.tools.certs import generate_supernode_keys
+from fedlrm.tools.deployment import LocalDeployment, find_free_port, pid_alive
 
 HELLO = Path(__file__).resolve().parent / "flower_hello"
 

@@ -20,8 +20,8 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 from PIL import Image  # noqa: E402
 
-from fedlrm import pretrain  # noqa: E402
 from fedlrm.errors import DataError  # noqa: E402
+from fedlrm.tools import pretrain  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 TINY_ARGS = ["--pretrain-images", "64", "--epochs", "1", "--batch-size", "32", "--subset-train-per-class", "2",

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from fedlrm.federation.flower.deploy import LocalDeployment
+    from fedlrm.tools.deployment import LocalDeployment
 
     with LocalDeployment("/tmp/fl", num_supernodes=2, tls=True, auth=True) as dep:
         res = dep.run("tests/flower_hello", {"num-rounds": 2}, timeout=120)
@@ -36,7 +36,13 @@ inherit. Killing a component therefore kills its process group, its descendants 
 process that carries its tag (found through ``/proc/*/environ``), which also catches the
 detached SuperExec of the SuperLink and its ``flwr-serverapp``. ``close()`` (also via
 ``__exit__`` and an ``atexit`` hook) stops everything; if the owning Python process was
-killed, :func:`kill_deployment` (with the work dir) cleans up from ``deployment.json``.
+killed, ``deployment.json`` in the work dir lists the pids it started.
+
+Ports: a component is given a port that is free when chosen and binds it a moment later.
+Ports are chosen outside the kernel's ephemeral range, so no outgoing connection (of this
+deployment's own processes, say) is handed one in between; if another process still binds
+it first, the component exits with "address already in use" and is started again on a new
+port. A SuperLink counts as started only once its own log says it serves the port.
 
 Crash/restart behaviour observed with 1.41.0 (heartbeat interval fixed at 30 s):
 
@@ -56,6 +62,7 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -72,14 +79,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .certs import AuthKeyPaths, TlsPaths, generate_supernode_keys, generate_tls_certs
+from fedlrm.tools.certs import AuthKeyPaths, TlsPaths, generate_supernode_keys, generate_tls_certs
 
 __all__ = [
     "DeploymentError",
     "LocalDeployment",
     "RunResult",
     "find_free_port",
-    "kill_deployment",
     "pid_alive",
     "toml_value",
 ]
@@ -88,6 +94,10 @@ TAG_DEPLOY = "FEDLRM_FLWR_DEPLOY"
 TAG_COMPONENT = "FEDLRM_FLWR_COMPONENT"
 CONNECTION_NAME = "fedlrm-local"
 HOST = "127.0.0.1"
+
+PORT_CLASH = "address already in use"  # what a component's log says when its port was taken first
+PORT_ATTEMPTS = 5
+_PORTS = random.Random()  # seeded from the OS; port choice must not follow a run's seeds
 
 BASE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -124,13 +134,31 @@ class _Proc:
     popen: subprocess.Popen
     log_path: Path
     log_offset: int
-    cmd: list[str]
 
 
 # ----------------------------------------------------------------------------- helpers
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def find_free_port(host: str = HOST) -> int:
-    """Return a currently free TCP port on ``host`` (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port on ``host`` that is free now, outside the ephemeral range (see the module
+    docstring), chosen at random so that deployments started side by side rarely pick alike."""
+    low, high = _ephemeral_range()
+    span = (10000, low) if low - 10000 >= 1000 else (high + 1, 65536)
+    for _ in range(100):
+        port = _PORTS.randrange(*span)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded range: any free port
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -451,8 +479,6 @@ class LocalDeployment:
                 Path(self.database + suffix).unlink(missing_ok=True)
         if self.tls and self.tls_paths is None:
             self.tls_paths = generate_tls_certs(self.work_dir / "certs")
-        self.port = find_free_port()
-        self._write_cli_config()
         self.start_superlink()
         for i in range(self.num_supernodes):
             self.start_supernode(i, wait=False)
@@ -476,7 +502,7 @@ class LocalDeployment:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own session + process group (pgid == pid)
             )
-        proc = _Proc(name, popen, log_path, offset, cmd)
+        proc = _Proc(name, popen, log_path, offset)
         self._procs[name] = proc
         self.started_pids.append(popen.pid)
         self._write_manifest()
@@ -484,7 +510,7 @@ class LocalDeployment:
 
     def _write_manifest(self) -> None:
         """``<work_dir>/deployment.json``: deploy id + pids, for post-mortem cleanup
-        with :func:`kill_deployment` if this Python process died without closing."""
+        if this Python process died without closing."""
         data = {
             "deploy_id": self.deploy_id,
             "tag": f"{TAG_DEPLOY}={self.deploy_id}",
@@ -499,16 +525,28 @@ class LocalDeployment:
             f.seek(proc.log_offset)
             return f.read().decode(errors="replace")
 
-    def log_text(self, name: str) -> str:
-        """Whole log file of a component (all incarnations)."""
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
     # SuperLink ------------------------------------------------------------------
-    def start_superlink(self, wait: bool = True) -> int:
-        """(Re)start the SuperLink on the same port/database; return its pid."""
+    def start_superlink(self) -> int:
+        """Start the SuperLink on a free port (another one if that is taken first); its pid."""
         if "superlink" in self._procs and pid_alive(self._procs["superlink"].popen.pid):
             raise DeploymentError("SuperLink already running")
+        t0 = time.monotonic()
+        for attempt in range(PORT_ATTEMPTS):
+            self.port = find_free_port()
+            self._write_cli_config()
+            proc = self._spawn("superlink", self._superlink_cmd(), self.work_dir / "superlink" / "flwr_home")
+            try:
+                self._wait_superlink(proc)
+            except DeploymentError:
+                if PORT_CLASH not in self._log_since_start(proc) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self._stop_component("superlink", signal.SIGKILL)
+                continue
+            self.timings["superlink_ready_s"] = time.monotonic() - t0
+            return proc.popen.pid
+        raise AssertionError("unreachable")
+
+    def _superlink_cmd(self) -> list[str]:
         cmd = [_bin("flower-superlink"), "--host", HOST, "--port", str(self.port)]
         if self.tls:
             assert self.tls_paths is not None
@@ -524,13 +562,7 @@ class LocalDeployment:
         if self.database:
             Path(self.database).parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--database", self.database]
-        cmd += ["--disable-runtime-dependency-installation", *self.extra_superlink_args]
-        t0 = time.monotonic()
-        proc = self._spawn("superlink", cmd, self.work_dir / "superlink" / "flwr_home")
-        if wait:
-            self._wait_http_health(proc)
-            self.timings["superlink_ready_s"] = time.monotonic() - t0
-        return proc.popen.pid
+        return cmd + ["--disable-runtime-dependency-installation", *self.extra_superlink_args]
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.tls:
@@ -538,9 +570,12 @@ class LocalDeployment:
         assert self.tls_paths is not None
         return ssl.create_default_context(cafile=str(self.tls_paths.ca_cert))
 
-    def _wait_http_health(self, proc: _Proc) -> None:
+    def _wait_superlink(self, proc: _Proc) -> None:
+        """Until the SuperLink's own log says it serves our port and its health check answers
+        (a health check alone could be answered by whoever took the port first)."""
         scheme = "https" if self.tls else "http"
         url = f"{scheme}://{self.address}/health"
+        serving = re.compile(rf"Uvicorn running on \S+:{self.port}\b")
         ctx = self._ssl_context()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -549,6 +584,9 @@ class LocalDeployment:
                     f"{proc.name} exited (rc={proc.popen.returncode}):\n"
                     + self._log_since_start(proc)[-4000:]
                 )
+            if not serving.search(self._log_since_start(proc)):
+                time.sleep(0.1)
+                continue
             try:
                 with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                     if r.status == 200:
@@ -557,35 +595,6 @@ class LocalDeployment:
                 pass
             time.sleep(0.1)
         raise DeploymentError(f"{proc.name} not healthy after {self.startup_timeout}s")
-
-    def kill_superlink(self, sig: int = signal.SIGKILL) -> None:
-        """Kill the SuperLink and everything it spawned (SuperExec, ServerApps)."""
-        self._stop_component("superlink", sig)
-
-    def restart_superlink(self, sig: int = signal.SIGKILL, restart_supernodes: bool | None = None) -> int:
-        """Kill (``sig``) and start the SuperLink again (same port and ``--database``).
-
-        With ``--database`` the SuperNodes keep running and reconnect by themselves
-        (same node ids); a run that was in flight ends ``finished:failed`` ("No heartbeat
-        received from the task") because its ServerApp died with the SuperLink. With
-        the in-memory state the SuperNodes are unknown to the new SuperLink and exit,
-        so by default (``restart_supernodes=None``) they are restarted too (and, with
-        auth, their keys registered again).
-        """
-        self.kill_superlink(sig)
-        pid = self.start_superlink()
-        if restart_supernodes is None:
-            restart_supernodes = not self.database
-        if not self.database:
-            self._registered.clear()  # in-memory state lost the registrations
-        if restart_supernodes:
-            for i in range(self.num_supernodes):
-                self.kill_supernode(i)
-            for i in range(self.num_supernodes):
-                self.start_supernode(i, wait=False)
-            for i in range(self.num_supernodes):
-                self._wait_supernode(i)
-        return pid
 
     # SuperNodes -----------------------------------------------------------------
     def _register(self, i: int) -> None:
@@ -606,10 +615,16 @@ class LocalDeployment:
             raise DeploymentError(f"{name} already running")
         if self.auth:
             self._register(i)
-        node_dir = self.work_dir / name
+        self.node_ports[i] = find_free_port()
+        proc = self._spawn(name, self._supernode_cmd(i), self.work_dir / name / "flwr_home")
+        if wait:
+            self._wait_supernode(i)
+        return proc.popen.pid
+
+    def _supernode_cmd(self, i: int) -> list[str]:
+        node_dir = self.work_dir / f"supernode-{i}"
         node_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = _write_toml(node_dir / "node_config.toml", self.node_configs[i])
-        self.node_ports[i] = find_free_port()
         cmd = [
             _bin("flower-supernode"),
             "--superlink", self.address,
@@ -626,11 +641,7 @@ class LocalDeployment:
             keys = self.auth_keys[i]
             assert keys is not None
             cmd += ["--auth-supernode-private-key", str(keys.private_key)]
-        cmd += self.extra_supernode_args
-        proc = self._spawn(name, cmd, node_dir / "flwr_home")
-        if wait:
-            self._wait_supernode(i)
-        return proc.popen.pid
+        return cmd + self.extra_supernode_args
 
     def _wait_supernode(self, i: int) -> int:
         """Wait until SuperNode ``i`` logged its node id (it is registered + active).
@@ -638,12 +649,14 @@ class LocalDeployment:
         With auth, a SuperNode that crashed (SIGKILL) cannot re-activate its node id
         until the SuperLink has marked it offline (no heartbeat for 2 x 30 s); it then
         exits with "Failed to activate SuperNode" (exit code 305). In that case the
-        SuperNode is started again every ``rejoin_retry_s`` until ``rejoin_timeout``.
+        SuperNode is started again every ``rejoin_retry_s`` until ``rejoin_timeout``. One that
+        could not bind its Runtime API port is started again on another.
         """
         name = f"supernode-{i}"
         proc = self._procs[name]
         deadline = time.monotonic() + self.startup_timeout
         rejoin_deadline = time.monotonic() + self.rejoin_timeout
+        clashes = 0
         while True:
             text = self._log_since_start(proc)
             m = re.search(r"SuperNode ID: (\d+)", text)
@@ -651,14 +664,16 @@ class LocalDeployment:
                 self.node_ids[i] = int(m.group(1))
                 return self.node_ids[i]
             if proc.popen.poll() is not None:
-                if (
-                    self.auth
-                    and "Failed to activate SuperNode" in text
-                    and time.monotonic() < rejoin_deadline
-                ):
-                    time.sleep(self.rejoin_retry_s)
+                rejoin = self.auth and "Failed to activate SuperNode" in text and time.monotonic() < rejoin_deadline
+                clash = PORT_CLASH in text and clashes < PORT_ATTEMPTS - 1
+                if rejoin or clash:
+                    if rejoin:
+                        time.sleep(self.rejoin_retry_s)
+                    else:
+                        clashes += 1
+                        self.node_ports[i] = find_free_port()
                     self._stop_component(name, signal.SIGKILL)
-                    proc = self._spawn(name, proc.cmd, self.work_dir / name / "flwr_home")
+                    proc = self._spawn(name, self._supernode_cmd(i), self.work_dir / name / "flwr_home")
                     deadline = time.monotonic() + self.startup_timeout
                     continue
                 raise DeploymentError(
@@ -699,11 +714,6 @@ class LocalDeployment:
         """
         self.kill_supernode(i, sig)
         return self.start_supernode(i)
-
-    def list_supernodes(self) -> list[dict[str, Any]]:
-        """``flwr supernode ls --format json`` entries."""
-        data = self.flwr_json("supernode", "ls", CONNECTION_NAME)
-        return list(data.get("nodes", data.get("supernodes", [])))
 
     # ------------------------------------------------------------------ runs
     def submit(self, app_dir: str | os.PathLike[str], run_config: Mapping[str, Any] | None = None,
@@ -925,23 +935,6 @@ class LocalDeployment:
             if self._atexit_registered:
                 atexit.unregister(self.close)
                 self._atexit_registered = False
-
-
-def kill_deployment(deploy_id_or_work_dir: str | os.PathLike[str], sig: int = signal.SIGKILL) -> list[int]:
-    """Kill every process tagged with a deployment id (or the id in
-    ``<work_dir>/deployment.json``), e.g. after the owning Python process was killed.
-    Returns the pids signalled. Only processes of that one deployment are touched."""
-    arg = os.fspath(deploy_id_or_work_dir)
-    manifest = Path(arg) / "deployment.json"
-    deploy_id = json.loads(manifest.read_text())["deploy_id"] if manifest.exists() else arg
-    needle = f"{TAG_DEPLOY}={deploy_id}".encode()
-    pids = [p for p in _proc_table() if p != os.getpid() and _environ_has(p, needle)]
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return pids
 
 
 def _parse_json(text: str) -> dict[str, Any] | None:
