@@ -35,7 +35,7 @@ def machine() -> dict:
 
 
 def run_all(out_dir: Path) -> dict:
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
     from fedlrm.experiment import run_experiment
 
     results = {}

@@ -26,7 +26,12 @@ def make_tiny_clip_dir(path, image_size=16, layers=2, hidden=32):
     """A real transformers CLIPModel with random weights, a word-level tokenizer and an
     image processor, saved like any CLIP checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "a", "photo", "of", "the", "."] + CLASSES
     vocab = {w: i for i, w in enumerate(words)}
@@ -97,5 +102,5 @@ def tiny_overrides(tiny_clip_dir, tiny_dataset, tmp_path):
         f"data.train={tiny_dataset['train']}", f"data.test={tiny_dataset['test']}",
         "data.num_clients=3", "data.shards_per_client=2", "data.shots=4", "data.test_per_client=8",
         "train.rounds=3", "train.local_epochs=1", "train.batch_size=8", "train.lr=0.01",
-        "adapter.rank=4", "adapter.local_rank=2", f"output_dir={tmp_path / 'runs'}", "seed=3",
+        "adapter.rank=4", "fedlrm.local_rank=2", "apfl.local_rank=2", f"output_dir={tmp_path / 'runs'}", "seed=3",
     ]

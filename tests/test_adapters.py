@@ -4,9 +4,21 @@ import pytest
 import torch
 from torch import nn
 
-from fedlrm.adapters import (AdaptedLinear, FixedMix, LoRAExpert, SoftmaxGate, TopMRouter, adapter_parameters, get_state,
-                             inject_adapters, only_expert, reset_adapters, set_state)
-from fedlrm.config import ModelConfig, load_config
+from fedlrm.adapters import (
+    AdaptedLinear,
+    FixedMix,
+    LoRAExpert,
+    SoftmaxGate,
+    TopMRouter,
+    adapter_parameters,
+    get_state,
+    inject_adapters,
+    only_expert,
+    reset_adapters,
+    set_state,
+)
+from fedlrm.algorithms import load_config
+from fedlrm.config import ModelConfig
 from fedlrm.errors import ModelError
 from fedlrm.models import ClipClassifier, load_backbone
 from fedlrm.params import count_parameters

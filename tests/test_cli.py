@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import CLASSES, jpeg_bytes
 
 from fedlrm.cli import main
-from conftest import CLASSES, jpeg_bytes
 
 
 def run_cli(capsys, *argv):

@@ -15,8 +15,13 @@ from PIL import Image
 
 from fedlrm import config as fedlrm_config
 from fedlrm.config import DataConfig
-from fedlrm.data import (ClientSplit, FederatedData, ImageSet, load_federated_data,
-                         random_resized_crop_flip)
+from fedlrm.data import (
+    ClientSplit,
+    FederatedData,
+    ImageSet,
+    load_federated_data,
+    random_resized_crop_flip,
+)
 from fedlrm.errors import DataError
 
 CLASSES = ["red_thing", "green", "blue", "yellow", "cyan", "magenta"]

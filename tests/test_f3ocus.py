@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedlrm.algorithms.f3ocus import F3OCUS, block_of, ntk_scores, objectives, select_layers
-from fedlrm.config import load_config
+from fedlrm.algorithms import ClientRound, load_config
+from fedlrm.algorithms.f3ocus import (
+    F3OCUS,
+    block_of,
+    ntk_scores,
+    objectives,
+    select_layers,
+)
 from fedlrm.experiment import run_experiment
 from fedlrm.federation.task import build_model
 from fedlrm.federation.wire import decode
@@ -68,7 +74,7 @@ def test_unselected_blocks_below_the_lowest_selected_cost_no_backward(tiny_clip_
     images = torch.randn(2, 3, 16, 16)
     for mask, expect_calls in (([0, 1], False), ([1, 1], True)):
         calls.clear()
-        algo.receive(model, {"f3ocus.mask": torch.tensor(mask)})
+        algo.receive(model, ClientRound(0, 1, {"f3ocus.mask": torch.tensor(mask)}))
         model(images).sum().backward()
         assert bool(calls) == expect_calls
         grads = {k: p.grad for k, p in model.named_parameters() if ".experts." in k}

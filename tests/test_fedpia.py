@@ -5,12 +5,17 @@ import csv
 import pytest
 import torch
 
-from fedlrm.algorithms import Upload, weighted_mean
-from fedlrm.algorithms.fedpia import FedPIA, align, components, split
-from fedlrm.config import load_config
+from fedlrm.adapters import adapter_parameters, inject_adapters
+from fedlrm.algorithms import (
+    ClientRound,
+    ServerState,
+    Upload,
+    load_config,
+    weighted_mean,
+)
+from fedlrm.algorithms.fedpia import FedPIA, TransportCosts, align, components, split
 from fedlrm.experiment import run_experiment
 from fedlrm.params import SyntheticEncoder
-from fedlrm.adapters import adapter_parameters, inject_adapters
 
 
 def lora(seed, d_in=6, d_out=5, rank=4):
@@ -49,10 +54,11 @@ def shuffled_uploads(n=4):
 def test_barycenter_of_shuffled_copies_is_the_adapter_while_plain_averaging_is_not():
     A, B, uploads = shuffled_uploads()
     cfg = load_config(None, ["algorithm=fedpia"])
-    state = FedPIA(cfg).aggregate({}, uploads)
-    bA, bB = state["l.experts.global.A"], state["l.experts.global.B"]
+    algo = FedPIA(cfg)
+    state = algo.aggregate(algo.init_server({}), uploads, server_round=1)
+    bA, bB = state.weights["l.experts.global.A"], state.weights["l.experts.global.B"]
     torch.testing.assert_close(bB @ bA, B @ A, atol=1e-5, rtol=1e-5)  # equal up to one permutation
-    history = state["server.transport"]
+    history = state.record.per_round
     assert history.shape == (1, 1, 2) and history[0, 0, 0] > 0 and history[0, 0, 1] == pytest.approx(0, abs=1e-8)
     mean = weighted_mean(uploads)
     naive = mean["l.experts.global.B"] @ mean["l.experts.global.A"]
@@ -63,17 +69,18 @@ def test_aggregation_is_deterministic():
     cfg = load_config(None, ["algorithm=fedpia"])
     uploads = [Upload(c, {"l.experts.global.A": lora(c)[0], "l.experts.global.B": lora(c)[1]}, 5 + c)
                for c in range(3)]
-    first = FedPIA(cfg).aggregate({}, uploads)
-    second = FedPIA(cfg).aggregate({}, uploads)
-    for key in first:
-        assert torch.equal(first[key], second[key])
+    first = FedPIA(cfg).aggregate(ServerState({}, TransportCosts()), uploads, server_round=1)
+    second = FedPIA(cfg).aggregate(ServerState({}, TransportCosts()), uploads, server_round=1)
+    for key in first.weights:
+        assert torch.equal(first.weights[key], second.weights[key])
+    assert torch.equal(first.record.per_round, second.record.per_round)
 
 
 def test_client_aligns_the_global_adapter_to_its_own_before_integrating():
     cfg = load_config(None, ["algorithm=fedpia", "fedpia.global_weight=0.5"])
     algo = FedPIA(cfg)
     model = SyntheticEncoder(1, 8)
-    inject_adapters(model, ["proj"], algo.make_layer)
+    inject_adapters(model, ["proj"], lambda linear: algo.make_layer(linear, None))
     params = adapter_parameters(model)
     A, B = lora(3, d_in=8, d_out=8, rank=16)
     with torch.no_grad():
@@ -81,11 +88,12 @@ def test_client_aligns_the_global_adapter_to_its_own_before_integrating():
         params["layers.0.proj.experts.local.B"].copy_(B)
     perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
     gA, gB = permuted(A, B, perm)  # the same adapter, components in another order
-    algo.receive(model, {"layers.0.proj.experts.global.A": gA, "layers.0.proj.experts.global.B": gB})
+    received = {"layers.0.proj.experts.global.A": gA, "layers.0.proj.experts.global.B": gB}
+    algo.receive(model, ClientRound(0, 2, received))
     # aligned first, the two-point barycenter of identical adapters is the adapter itself
     torch.testing.assert_close(params["layers.0.proj.experts.local.A"], A)
     torch.testing.assert_close(params["layers.0.proj.experts.local.B"], B)
-    upload = algo.upload(model, [])
+    upload = algo.upload(model, [], ClientRound(0, 2, received))
     assert set(upload) == {"layers.0.proj.experts.global.A", "layers.0.proj.experts.global.B"}
 
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from fedlrm.algorithms import get_algorithm
-from fedlrm.config import load_config
+from fedlrm.algorithms import get_algorithm, load_config
 from fedlrm.errors import DataError
 from fedlrm.federation.flower.client_app import NodeClient, client_id_of
 from fedlrm.federation.flower.protocol import read_fields, request_fields
@@ -26,7 +25,7 @@ def context(node_config: dict) -> Context:
 def first_message(cfg) -> bytes:
     algorithm = get_algorithm(cfg)
     bundle = build_model(load_backbone(cfg.model), ["a", "b"], cfg, algorithm)
-    return encode(algorithm.message_for(0, Server(cfg, algorithm, bundle, cfg.data.num_clients).initial_state()))
+    return encode(algorithm.message_for(Server(cfg, algorithm, bundle, cfg.data.num_clients).initial_state(), 0, 1))
 
 
 def node(node_config, cfg, payload, round_index, training=True) -> NodeClient:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fedlrm.config import load_config
+from fedlrm.algorithms import load_config
 from fedlrm.experiment import run_experiment
-from fedlrm.federation.flower.deploy import LocalDeployment, pid_alive
+from fedlrm.tools.deployment import LocalDeployment, pid_alive
 
 pytestmark = pytest.mark.flower
 APP = Path(__file__).resolve().parents[1] / "flower-app"
@@ -75,7 +75,7 @@ def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home
     flower = json.loads((tmp_path / "runs" / "flower" / "summary.json").read_text())
     in_process = run_experiment(load_config(None, overrides + ["name=in-process"]), progress=False)
     local = in_process.summary
-    assert_same_state(tmp_path / "runs" / "flower", in_process.global_state)
+    assert_same_state(tmp_path / "runs" / "flower", in_process.server_state.weights)
     assert flower["per_client_accuracy"].keys() == {str(c) for c in range(NODES)}
     for c, acc in local["per_client_accuracy"].items():
         assert flower["per_client_accuracy"][str(c)] == pytest.approx(acc, abs=1e-6)
@@ -153,7 +153,7 @@ def test_a_killed_server_resumes_from_its_checkpoint_to_the_uninterrupted_result
     resumed = json.loads((run_dir / "summary.json").read_text())
     uninterrupted = run_experiment(load_config(None, overrides + ["name=uninterrupted"]), progress=False)
     local = uninterrupted.summary
-    assert_same_state(run_dir, uninterrupted.global_state)
+    assert_same_state(run_dir, uninterrupted.server_state.weights)
     for c, acc in local["per_client_accuracy"].items():
         assert resumed["per_client_accuracy"][str(c)] == pytest.approx(acc, abs=1e-6)
 
@@ -187,8 +187,8 @@ def test_secure_aggregation_gives_the_server_only_the_mean_and_matches_plain_ave
     assert [r["contributors"] for r in ups] == [NODES, NODES] and all("client" not in r for r in ups)
     plain = run_experiment(load_config(None, overrides + ["name=plain"]), progress=False)
     secure = load_file(run_dir / "checkpoint" / "global.safetensors")
-    assert secure.keys() == plain.global_state.keys()
-    for key, value in plain.global_state.items():  # SecAgg+ quantises: equal up to its resolution
+    assert secure.keys() == plain.server_state.weights.keys()
+    for key, value in plain.server_state.weights.items():  # SecAgg+ quantises: equal up to its resolution
         assert (secure[key] - value).abs().max().item() < 1e-3, key
 
 

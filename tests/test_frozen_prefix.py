@@ -7,11 +7,15 @@ import csv
 import pytest
 import torch
 
-from fedlrm.algorithms import ALGORITHMS
-from fedlrm.config import load_config
+from fedlrm.algorithms import ALGORITHMS, ClientRound, load_config
 from fedlrm.data import load_federated_data
 from fedlrm.experiment import run_experiment
-from fedlrm.federation.task import build_model, initial_private, load_client, train_locally
+from fedlrm.federation.task import (
+    build_model,
+    initial_private,
+    load_client,
+    train_locally,
+)
 from fedlrm.models import load_backbone
 from fedlrm.models.frozen_prefix import _CACHE, cacheable_start
 
@@ -48,8 +52,8 @@ def local_training(overrides, cache: bool, *extra):
     split = data.clients[0]
     private = initial_private(bundle, algorithm, cfg, 0)
     shared = {k: v for k, v in bundle.model.state_dict().items() if k in set(bundle.shared_keys)}
-    load_client(bundle, algorithm, cfg, 0, private, shared)
-    stats = train_locally(bundle.model, algorithm, split.train, shared, cfg, 1, 0)
+    ctx = load_client(bundle, algorithm, cfg, 0, private, shared, 1)
+    stats = train_locally(bundle.model, algorithm, split.train, ctx, cfg)
     return stats, {k: v.clone() for k, v in bundle.model.state_dict().items() if ".experts." in k or "mixer" in k}
 
 
@@ -83,8 +87,8 @@ def test_cache_is_kept_across_rounds_only_for_pretrained_blocks(tiny_overrides, 
         cfg = load_config(None, [*tiny_overrides, *args, f"train.cache_frozen_features={cache}", f"name=c{cache}"])
         results.append(run_experiment(cfg, progress=False))
     assert results[0].summary["per_client_accuracy"] == results[1].summary["per_client_accuracy"]
-    for key, value in results[0].global_state.items():
-        assert torch.equal(value, results[1].global_state[key]), key
+    for key, value in results[0].server_state.weights.items():
+        assert torch.equal(value, results[1].server_state.weights[key]), key
 
 
 def test_frozen_prefix_is_computed_once_per_image_set(tiny_overrides, deep_clip_dir):
@@ -96,7 +100,7 @@ def test_frozen_prefix_is_computed_once_per_image_set(tiny_overrides, deep_clip_
     original = bundle.model.backbone.hidden_before
     bundle.model.backbone.hidden_before = lambda *a: calls.append(1) or original(*a)
     for round_index in (1, 2):
-        train_locally(bundle.model, algorithm, train_set, {}, cfg, round_index, 0)
+        train_locally(bundle.model, algorithm, train_set, ClientRound(0, round_index, {}), cfg)
     assert len(calls) == -(-len(train_set) // cfg.train.batch_size)  # one pass over the set, not one per round
     assert bundle.model.backbone in _CACHE[train_set]
 

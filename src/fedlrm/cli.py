@@ -55,11 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--layers", type=int, help="synthetic model: number of blocks (paper Table 1: 12)")
     params.add_argument("--dim", type=int, default=256, help="synthetic model: width of the adapted matrix")
     params.add_argument("--global-rank", type=int, nargs="+", help="global LoRA rank(s) (default adapter.rank)")
-    params.add_argument("--local-rank", type=int, help="local expert rank (default adapter.local_rank)")
+    params.add_argument("--local-rank", type=int, help="rank of the local expert of fedlrm and apfl (default: each "
+                                                       "method's local_rank setting)")
     params.add_argument("--algorithm", help="count for this algorithm only (default: every algorithm)")
     params.set_defaults(func=cmd_params)
 
-    from fedlrm import pretrain
+    from fedlrm.tools import pretrain
 
     pre = sub.add_parser("pretrain", help="pretrain the built-in tiny CLIP on offline CIFAR-10")
     pretrain.add_arguments(pre)
@@ -78,7 +79,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args) -> int:
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
     from fedlrm.experiment import resume_experiment, run_experiment
     from fedlrm.reporting import print_table
 
@@ -97,7 +98,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
     from fedlrm.experiment import compare
 
     start = time.perf_counter()
@@ -113,15 +114,15 @@ def cmd_flower(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from fedlrm.config import load_config
-    from fedlrm.federation.flower.deploy import LocalDeployment
+    from fedlrm.algorithms import load_config
+    from fedlrm.config import to_yaml
     from fedlrm.reporting import print_table
+    from fedlrm.tools.deployment import LocalDeployment
 
     cfg = load_config(args.config, args.overrides)  # fail here, before any process starts
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedlrm-flower-")).resolve()
     config_file = work / "fedlrm.yaml"
     work.mkdir(parents=True, exist_ok=True)
-    from fedlrm.config import to_yaml
 
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     config_file.write_text(to_yaml(cfg))
@@ -146,21 +147,21 @@ def cmd_flower(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
     from fedlrm.params import count_parameters, print_counts
 
     cfg = load_config(args.config, args.overrides)
     ranks = args.global_rank or [cfg.adapter.rank]
-    local_rank = args.local_rank or cfg.adapter.local_rank
-    rows = count_parameters(cfg, ranks, local_rank, args.algorithm, args.layers, args.dim)
-    title = (f"synthetic: {args.layers} layers, one {args.dim}x{args.dim} matrix each, local rank {local_rank}"
+    rows = count_parameters(cfg, ranks, args.local_rank, args.algorithm, args.layers, args.dim)
+    title = (f"synthetic: {args.layers} layers, one {args.dim}x{args.dim} matrix each"
              if args.layers else f"{cfg.model.backend}:{cfg.model.name}, targets {cfg.model.target_modules}")
     print_counts(rows, title)
     return 0
 
 
 def cmd_config(args) -> int:
-    from fedlrm.config import load_config, to_yaml
+    from fedlrm.algorithms import load_config
+    from fedlrm.config import to_yaml
 
     print(to_yaml(load_config(args.config, args.overrides)), end="")
     return 0

@@ -1,15 +1,22 @@
-"""Run configuration: a typed schema, YAML files and `key=value` overrides.
+"""The shared run configuration: typed sections, YAML files and `key=value` overrides.
 
-The schema is the single list of valid keys; an unknown key or a value of the wrong
-type is an error that names the key, not a silently ignored typo.
+The sections here hold what every algorithm reads (model, adapter, data, train, federation,
+privacy). Each algorithm declares its own section (`fedlease.*`, `fedprox.*`, ...) next to its
+code; the loader here merges files and overrides into the shared sections plus whichever
+method sections it is given, so that it needs to know nothing about the methods.
+`fedlrm.algorithms.load_config` calls it with every registered algorithm's section.
+
+The schema is the single list of valid keys; an unknown key or a value of the wrong type is
+an error that names the key and the valid ones, not a silently ignored typo.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -34,15 +41,24 @@ class ModelConfig:
     # Only blocks with these indices are adapted (negative: from the top, -1 the last); empty: every block.
     target_layers: list[int] = field(default_factory=list)
 
+    def check(self) -> None:
+        one_of("model.backend", self.backend, ("hf", "open_clip"))
+        if "{}" not in self.prompt:
+            raise ConfigError(f"model.prompt {self.prompt!r} needs a '{{}}' where the class name goes")
+
 
 @dataclass
 class AdapterConfig:
+    """The LoRA experts of every method (a method's extra experts and mixers are its own settings)."""
+
     rank: int = 16  # the (global) LoRA rank
     alpha: float = 32.0  # scaling of an expert is alpha / its rank
     dropout: float = 0.0
-    local_rank: int = 4  # the personal expert's rank (fedlrm, apfl); the paper fixes 4
-    gate: str = "sample"  # fedlrm gate granularity: `sample` (one weight pair per image) or `token`
-    apfl_mix: float = 0.5  # apfl's fixed weight of the global LoRA
+
+    def check(self) -> None:
+        at_least_one("adapter.rank", self.rank)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -66,6 +82,20 @@ class DataConfig:
     global_test_size: Optional[int] = None  # None: the whole test split
     augment: bool = False
 
+    def check(self) -> None:
+        one_of("data.source", self.source, ("builtin", "parquet", "hub", "imagefolder", "torchvision"))
+        one_of("data.partition", self.partition, ("shard", "dirichlet", "classes"))
+        at_least_one("data.num_clients", self.num_clients)
+        at_least_one("data.shards_per_client", self.shards_per_client)
+        if self.shots < 0:
+            raise ConfigError(f"data.shots must be 0 (whole partition) or more, got {self.shots}")
+        if not self.dirichlet_alpha > 0:
+            raise ConfigError(f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
+        if self.test_per_client is not None and self.test_per_client < 0:
+            raise ConfigError(f"data.test_per_client must be 0 or more (or null), got {self.test_per_client}")
+        if self.global_test_size is not None and self.global_test_size < 1:
+            raise ConfigError(f"data.global_test_size must be at least 1 (or null), got {self.global_test_size}")
+
 
 @dataclass
 class TrainConfig:
@@ -78,7 +108,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"  # cosine (over the whole run) | constant
     client_fraction: float = 1.0
-    prox_mu: float = 0.01  # fedprox
     eval_every: int = 1
     eval_batch_size: int = 256
     threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
@@ -95,27 +124,14 @@ class TrainConfig:
     # (and later rounds): exact, and skips most of the forward pass.
     cache_frozen_features: bool = True
 
-
-@dataclass
-class FedLEASEConfig:
-    warmup_rounds: int = 5  # rounds of purely local LoRA before clustering (official code: 5)
-    max_clusters: int = 4  # k is chosen by silhouette in [2, max_clusters] (official code: 4)
-
-
-@dataclass
-class FedPIAConfig:
-    global_weight: float = 0.5  # client integration: (1 - w) * own + w * aligned global
-    max_iterations: int = 10  # server barycenter: align-and-average passes at most
-    tolerance: float = 1e-6  # stop when the barycenter moves less than this (Frobenius norm)
-
-
-@dataclass
-class F3OCUSConfig:
-    budget: int = 2  # transformer blocks each client trains per round
-    optimizer: str = "nsga2"  # pymoo meta-heuristic: nsga2 | smsemoa
-    population: int = 40
-    generations: int = 30
-    ntk_batch: int = 8  # images per client for the layer-wise NTK
+    def check(self) -> None:
+        one_of("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        one_of("train.schedule", self.schedule, ("cosine", "constant"))
+        one_of("train.precision", self.precision, ("fp32", "bf16"))
+        for key in ("rounds", "local_epochs", "batch_size", "eval_every", "eval_batch_size"):
+            at_least_one(f"train.{key}", getattr(self, key))
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError(f"train.client_fraction must be in (0, 1], got {self.client_fraction}")
 
 
 @dataclass
@@ -123,6 +139,13 @@ class FederationConfig:
     min_clients: int = 1  # a round aggregates only if at least this many valid uploads arrived
     round_timeout: Optional[float] = None  # seconds a client may take to answer (Flower runtime); None: wait
     max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this times the round's median; 0: off
+
+    def check(self) -> None:
+        at_least_one("federation.min_clients", self.min_clients)
+        if self.round_timeout is not None and self.round_timeout <= 0:
+            raise ConfigError(f"federation.round_timeout must be positive seconds or null, got {self.round_timeout}")
+        if self.max_norm_ratio < 0 or 0 < self.max_norm_ratio <= 1:
+            raise ConfigError(f"federation.max_norm_ratio must be 0 (off) or above 1, got {self.max_norm_ratio}")
 
 
 @dataclass
@@ -137,9 +160,25 @@ class PrivacyConfig:
     secagg_quantization_range: int = 4194304  # SecAgg+: quantisation levels (2**22)
     secagg_max_weight: float = 1000.0  # SecAgg+: bound on a client's training examples (its weight)
 
+    def check(self) -> None:
+        for key in ("secagg_shares", "secagg_threshold", "secagg_quantization_range"):
+            at_least_one(f"privacy.{key}", getattr(self, key))
+        if self.clip < 0 or self.noise_multiplier < 0:
+            raise ConfigError(f"privacy.clip and privacy.noise_multiplier must be >= 0, got {self.clip} and "
+                              f"{self.noise_multiplier}")
+        if self.noise_multiplier > 0 and self.clip == 0:
+            raise ConfigError("privacy.noise_multiplier needs privacy.clip > 0: noise is scaled to the clipping bound")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if self.secagg_threshold > self.secagg_shares:
+            raise ConfigError(f"privacy.secagg_threshold ({self.secagg_threshold}) cannot exceed "
+                              f"privacy.secagg_shares ({self.secagg_shares})")
+
 
 @dataclass
-class RunConfig:
+class SharedConfig:
+    """The keys every run has, whatever algorithm it runs."""
+
     algorithm: str = "fedlrm"
     seed: int = 0
     output_dir: str = "runs"
@@ -148,33 +187,42 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    fedlease: FedLEASEConfig = field(default_factory=FedLEASEConfig)
-    fedpia: FedPIAConfig = field(default_factory=FedPIAConfig)
-    f3ocus: F3OCUSConfig = field(default_factory=F3OCUSConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
-CHOICES = {
-    "model.backend": ("hf", "open_clip"),
-    "adapter.gate": ("sample", "token"),
-    "data.source": ("builtin", "parquet", "hub", "imagefolder", "torchvision"),
-    "data.partition": ("shard", "dirichlet", "classes"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.schedule": ("cosine", "constant"),
-    "train.precision": ("fp32", "bf16"),
-    "f3ocus.optimizer": ("nsga2", "smsemoa"),
-}
-POSITIVE = ("adapter.rank", "adapter.local_rank", "data.num_clients", "train.rounds",
-            "train.local_epochs", "train.batch_size", "train.eval_every", "train.eval_batch_size",
-            "fedlease.warmup_rounds", "fedpia.max_iterations", "f3ocus.budget", "f3ocus.population",
-            "f3ocus.generations", "f3ocus.ntk_batch", "federation.min_clients", "privacy.secagg_shares",
-            "privacy.secagg_threshold", "privacy.secagg_quantization_range")
+SHARED_SECTIONS = tuple(f.name for f in fields(SharedConfig) if f.name not in ("algorithm", "seed", "output_dir", "name"))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The built-in defaults, updated by a YAML file, then by `dotted.key=value` overrides."""
-    cfg = OmegaConf.structured(RunConfig)
+@dataclass
+class RunConfig(SharedConfig):
+    """A resolved run configuration: the shared keys and every known method's own settings."""
+
+    #: method name -> its settings (a dataclass instance); the run's own is `method`
+    methods: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> Any:
+        """The settings of the algorithm this run runs (its `<algorithm>.*` section)."""
+        try:
+            return self.methods[self.algorithm]
+        except KeyError:
+            raise ConfigError(f"no settings for algorithm {self.algorithm!r}; load the config with "
+                              f"fedlrm.algorithms.load_config") from None
+
+    def check_shared(self) -> None:
+        for name in SHARED_SECTIONS:
+            getattr(self, name).check()
+
+
+def load(path: str | Path | None, overrides: list[str] | None, sections: Mapping[str, type],
+         moved: Mapping[str, list[str]] | None = None) -> RunConfig:
+    """The defaults, updated by a YAML file, then by `dotted.key=value` overrides.
+
+    `sections` maps method names to their settings dataclasses (each becomes a section of
+    that name); `moved` maps keys that used to exist to where they live now, for the error
+    a user gets when typing an old one."""
+    schema = _schema(sections)
     sources: list[tuple[str, Any]] = []
     if path is not None:
         path = Path(path)
@@ -188,69 +236,69 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.rounds=5)")
         sources.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+    cfg = OmegaConf.structured(schema)
     for origin, src in sources:
         try:
             cfg = OmegaConf.merge(cfg, src)
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or ""
-            raise ConfigError(f"{origin}: {_explain(err, key)}") from None
-    run = OmegaConf.to_object(cfg)
-    validate(run)
-    return run
+            raise ConfigError(f"{origin}: {_explain(err, key, sections, moved or {})}") from None
+    return _resolved(OmegaConf.to_object(cfg), sections)
 
 
-def _explain(err: OmegaConfBaseException, key: str) -> str:
+def from_mapping(data: Mapping, sections: Mapping[str, type]) -> RunConfig:
+    """A configuration from a dict as `to_dict` writes it (keys it lacks take their defaults)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(_schema(sections)), data)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        raise ConfigError(f"stored configuration: {_explain(err, key, sections, {})}") from None
+    return _resolved(OmegaConf.to_object(merged), sections)
+
+
+def _schema(sections: Mapping[str, type]) -> type:
+    clash = [name for name in sections if name in {f.name for f in fields(SharedConfig)}]
+    if clash:
+        raise ConfigError(f"method section(s) {', '.join(clash)} would hide shared keys of the same name")
+    return make_dataclass("RunSchema", [(name, cls, field(default_factory=cls)) for name, cls in sections.items()],
+                          bases=(SharedConfig,))
+
+
+def _resolved(loaded: Any, sections: Mapping[str, type]) -> RunConfig:
+    shared = {f.name: getattr(loaded, f.name) for f in fields(SharedConfig)}
+    return RunConfig(**shared, methods={name: getattr(loaded, name) for name in sections})
+
+
+def _explain(err: OmegaConfBaseException, key: str, sections: Mapping[str, type], moved: Mapping[str, list[str]]) -> str:
     text = str(err).splitlines()[0]
     if "not in struct" in text or "Key '" in text and "not" in text:
-        return (f"unknown config key {key!r}. Valid keys are listed by `fedlrm config` "
-                f"(sections: algorithm, seed, output_dir, name, model.*, adapter.*, data.*, train.*, fedlease.*, fedpia.*, f3ocus.*, federation.*, privacy.*)")
+        if key in moved:
+            return (f"{key!r} is no longer a key: it moved to the section of the method it belongs to, "
+                    f"{' and '.join(repr(k) for k in moved[key])}")
+        section, _, _ = key.partition(".")
+        owner = typing.get_type_hints(SharedConfig).get(section) or sections.get(section)
+        if "." in key and isinstance(owner, type):
+            valid = ", ".join(f.name for f in fields(owner)) or "(none: this method has no settings)"
+            return f"unknown config key {key!r}; the keys of {section} are: {valid}"
+        top = [f.name for f in fields(SharedConfig) if f.name not in SHARED_SECTIONS]
+        return (f"unknown config key {key!r}; valid keys are {', '.join(top)}, the sections "
+                f"{', '.join(s + '.*' for s in SHARED_SECTIONS)} and each algorithm's own: "
+                f"{', '.join(s + '.*' for s in sections)} (`fedlrm config algorithm=NAME` lists them)")
     return f"bad value for {key!r}: {text}"
 
 
-def validate(cfg: RunConfig) -> None:
-    from fedlrm.algorithms import ALGORITHMS
+def to_dict(cfg: RunConfig) -> dict:
+    """The shared keys and the running algorithm's own section (as `fedlrm config` shows it)."""
+    shared = {f.name: getattr(cfg, f.name) for f in fields(SharedConfig)}
+    out = OmegaConf.to_container(OmegaConf.structured(SharedConfig(**shared)))
+    own = asdict(cfg.method)
+    if own:
+        out[cfg.algorithm] = own
+    return out
 
-    if cfg.algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {cfg.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    for dotted, allowed in CHOICES.items():
-        value = get(cfg, dotted)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
-    for dotted in POSITIVE:
-        if get(cfg, dotted) < 1:
-            raise ConfigError(f"{dotted} must be at least 1, got {get(cfg, dotted)}")
-    if not 0 < cfg.train.client_fraction <= 1:
-        raise ConfigError(f"train.client_fraction must be in (0, 1], got {cfg.train.client_fraction}")
-    if not 0 <= cfg.adapter.dropout < 1:
-        raise ConfigError(f"adapter.dropout must be in [0, 1), got {cfg.adapter.dropout}")
-    if not 0 <= cfg.adapter.apfl_mix <= 1:
-        raise ConfigError(f"adapter.apfl_mix must be in [0, 1], got {cfg.adapter.apfl_mix}")
-    if cfg.data.shots < 0:
-        raise ConfigError(f"data.shots must be 0 (whole partition) or more, got {cfg.data.shots}")
-    if not 0 <= cfg.fedpia.global_weight <= 1:
-        raise ConfigError(f"fedpia.global_weight must be in [0, 1], got {cfg.fedpia.global_weight}")
-    if cfg.fedlease.max_clusters < 2:
-        raise ConfigError(f"fedlease.max_clusters must be at least 2, got {cfg.fedlease.max_clusters}")
-    if cfg.federation.round_timeout is not None and cfg.federation.round_timeout <= 0:
-        raise ConfigError(f"federation.round_timeout must be positive seconds or null, got {cfg.federation.round_timeout}")
-    if cfg.federation.max_norm_ratio < 0 or 0 < cfg.federation.max_norm_ratio <= 1:
-        raise ConfigError(f"federation.max_norm_ratio must be 0 (off) or above 1, got {cfg.federation.max_norm_ratio}")
-    p = cfg.privacy
-    if p.clip < 0 or p.noise_multiplier < 0:
-        raise ConfigError(f"privacy.clip and privacy.noise_multiplier must be >= 0, got {p.clip} and {p.noise_multiplier}")
-    if p.noise_multiplier > 0 and p.clip == 0:
-        raise ConfigError("privacy.noise_multiplier needs privacy.clip > 0: noise is scaled to the clipping bound")
-    if not 0 < p.delta < 1:
-        raise ConfigError(f"privacy.delta must be in (0, 1), got {p.delta}")
-    if p.secagg_threshold > p.secagg_shares:
-        raise ConfigError(f"privacy.secagg_threshold ({p.secagg_threshold}) cannot exceed privacy.secagg_shares "
-                          f"({p.secagg_shares})")
-    if p.secagg and not ALGORITHMS[cfg.algorithm].aggregates_by_mean:
-        raise ConfigError(f"privacy.secagg gives the server only the weighted mean of the uploads, but "
-                          f"{cfg.algorithm} needs each upload; use it with "
-                          f"{', '.join(a for a, c in ALGORITHMS.items() if c.aggregates_by_mean and c.trains)}")
-    if "{}" not in cfg.model.prompt:
-        raise ConfigError(f"model.prompt {cfg.model.prompt!r} needs a '{{}}' where the class name goes")
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
 
 
 def get(cfg: Any, dotted: str) -> Any:
@@ -259,15 +307,13 @@ def get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+# The checks of the shared sections and of each method's own, so that their messages read alike.
+def one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+def at_least_one(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be at least 1, got {value}")
 
-
-def from_dict(data: dict) -> RunConfig:
-    run = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
-    validate(run)
-    return run

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedlrm.adapters.export import save_personalized
-from fedlrm.algorithms import ALGORITHMS
-from fedlrm.config import RunConfig, load_config
+from fedlrm.algorithms import ALGORITHMS, load_config
+from fedlrm.config import RunConfig
 from fedlrm.data import load_federated_data
 from fedlrm.errors import ConfigError, FedLRMError
-from fedlrm.federation.simulation import RunResult, Simulation, new_run_dir, write_config
+from fedlrm.federation.export import save_personalized
+from fedlrm.federation.rundir import new_run_dir, write_config
+from fedlrm.federation.server import RunResult
+from fedlrm.federation.simulation import Simulation
 from fedlrm.federation.task import personalize
 from fedlrm.models import load_backbone
 from fedlrm.reporting import markdown_table, plot_compare, print_table, write_csv, write_run_report
@@ -54,11 +56,12 @@ def finish(sim: Simulation, result: RunResult, run_dir: Path) -> None:
     write_run_report(run_dir, result, sim.cfg.algorithm)
     if not sim.algorithm.trains:
         return
-    sim.algorithm.write_report(run_dir, result.global_state)
+    sim.algorithm.write_report(run_dir, result.server_state)
+    last = sim.cfg.train.rounds
     for c in range(sim.num_clients):
-        model = personalize(sim.bundle, sim.algorithm, sim.cfg, c, result.client_states[c], result.global_state)
+        model = personalize(sim.bundle, sim.algorithm, sim.cfg, c, result.client_states[c], result.server_state, last)
         save_personalized(run_dir / "adapters" / f"client_{c:02d}", model, sim.cfg, sim.data.class_names, c,
-                          sim.bundle.layout, sim.algorithm.message_for(c, result.global_state))
+                          sim.bundle.layout, sim.algorithm.message_for(result.server_state, c, last), last)
 
 
 def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,

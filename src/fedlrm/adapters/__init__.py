@@ -1,12 +1,12 @@
 """LoRA experts, the layer that mixes them beside a frozen linear, and injection helpers."""
 
-from fedlrm.adapters.inject import (adapted_weight_count, adapter_parameters, get_state, inject_adapters,
-                                    reset_adapters, set_state, strip_adapters)
+from fedlrm.adapters.inject import (adapted_weight_count, adapter_parameters, block_index, get_state,
+                                    inject_adapters, reset_adapters, set_state, strip_adapters)
 from fedlrm.adapters.layers import (AdaptedLinear, FixedMix, LoRAExpert, Mixer, SoftmaxGate, TopMRouter,
                                     adapted_layers, only_expert)
 
 __all__ = [
     "AdaptedLinear", "FixedMix", "LoRAExpert", "Mixer", "SoftmaxGate", "TopMRouter", "adapted_layers", "only_expert",
-    "adapted_weight_count", "adapter_parameters", "get_state", "inject_adapters", "reset_adapters", "set_state",
+    "adapted_weight_count", "adapter_parameters", "block_index", "get_state", "inject_adapters", "reset_adapters", "set_state",
     "strip_adapters",
 ]

@@ -28,16 +28,14 @@ def inject_adapters(
     """
     linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear) and n]
     if target_layers and any(i < 0 for i in target_layers):
-        depth = 1 + max((int(f.group(1)) for n, _ in linears if (f := BLOCK_INDEX.search(n + "."))), default=-1)
+        depth = 1 + max((b for n, _ in linears if (b := block_index(n)) is not None), default=-1)
         target_layers = block_indices(target_layers, depth)
     chosen = []
     for name, module in linears:
         if name.rsplit(".", 1)[-1] not in target_modules:
             continue
-        if target_layers:
-            found = BLOCK_INDEX.search(name + ".")
-            if found is None or int(found.group(1)) not in target_layers:
-                continue
+        if target_layers and block_index(name) not in target_layers:
+            continue
         chosen.append((name, module))
     if not chosen:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
@@ -51,6 +49,12 @@ def inject_adapters(
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, child, make(module))
     return [name for name, _ in chosen]
+
+
+def block_index(name: str) -> int | None:
+    """The index of the transformer block a module or adapter weight belongs to (None: no block)."""
+    found = BLOCK_INDEX.search(name + ".")
+    return None if found is None else int(found.group(1))
 
 
 def block_indices(target_layers: list[int], depth: int) -> list[int]:

@@ -1,23 +1,30 @@
-"""Federated algorithms, one module each, all behind `fedlrm.algorithms.base.Algorithm`."""
+"""Federated algorithms, one module each, all behind the contract of `fedlrm.algorithms.base`.
 
-from fedlrm.algorithms.apfl import APFL
-from fedlrm.algorithms.f3ocus import F3OCUS
-from fedlrm.algorithms.base import Algorithm, State, Upload, weighted_mean
-from fedlrm.algorithms.fedavg import FedAvg
-from fedlrm.algorithms.fedlease import FedLEASE
-from fedlrm.algorithms.fedlrm import FedLRM
-from fedlrm.algorithms.fedpia import FedPIA
-from fedlrm.algorithms.fedprox import FedProx
-from fedlrm.algorithms.local import Local
-from fedlrm.algorithms.zeroshot import ZeroShot
+Importing this package imports every module in it, and each registers its algorithm with
+`@register`; the paper's methods come first, in the order `fedlrm compare` shows them.
+Runtimes and tools import from here, never from a method's own module.
+"""
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (ZeroShot, Local, FedAvg, FedProx, APFL, FedLRM, FedLEASE, FedPIA, F3OCUS)
-}
+import importlib
+import pkgutil
 
+from fedlrm.algorithms.base import (Algorithm, ClientRound, NoSettings, Schema, ServerState, State, Upload,
+                                    weighted_mean)
+from fedlrm.algorithms.registry import (ALGORITHMS, check, config_from_dict, get_algorithm, load_config,
+                                        register, unregister)
 
-def get_algorithm(cfg) -> Algorithm:
-    return ALGORITHMS[cfg.algorithm](cfg)
+_CONTRACT = {"base", "registry"}
+_PAPER_ORDER = ("zeroshot", "local", "fedavg", "fedprox", "apfl", "fedlrm", "fedlease", "fedpia", "f3ocus")
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "State", "Upload", "get_algorithm", "weighted_mean"]
+def _discover() -> None:
+    found = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in _CONTRACT]
+    order = {name: i for i, name in enumerate(_PAPER_ORDER)}
+    for module in sorted(found, key=lambda m: (order.get(m, len(order)), m)):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_discover()
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientRound", "NoSettings", "Schema", "ServerState", "State", "Upload",
+           "check", "config_from_dict", "get_algorithm", "load_config", "register", "unregister", "weighted_mean"]

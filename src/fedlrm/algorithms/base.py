@@ -1,17 +1,26 @@
 """The contract every algorithm implements, and the pieces most of them share.
 
-An algorithm answers four questions (DESIGN.md section 2): what a client trains (the
+An algorithm answers four questions (docs/DESIGN.md section 2): what a client trains (the
 adapters it puts on each target layer, and its loss), what it uploads, what the server
-does with the uploads, and what each client evaluates with. The runtimes (in-process
-simulation, Flower) only call these methods; they never ask which algorithm runs.
+does with the uploads, and what each client evaluates with. The runtimes (in-process,
+Flower) only call these hooks; they never ask which algorithm runs.
 
-Adapter weights are named by role: keys containing `.experts.global.` form the shared
-state that the server holds and the clients receive; everything else (local experts,
-gates) is private to a client and is kept by the runtime between rounds on that client.
-Server-state keys starting with `server.` are the server's own bookkeeping and are never
-sent. An algorithm whose adapters change shape during a run (FedLEASE after clustering)
-says so through `layout`: the runtime rebuilds a client's adapters when the layout that
-a message implies differs from the one the client's model has.
+- Its own settings are a dataclass, `Settings`, read from the config section named after
+  the algorithm (`fedprox.mu=0.1`) and checked by `check`; the instance gets them as
+  `self.settings`.
+- The server holds a `ServerState`: adapter weights (what messages are drawn from) and,
+  for methods that keep more, a typed `Record` (FedLEASE's clusters, F3OCUS's selections)
+  that the checkpoint serialises.
+- Hooks are told the round they work in, as Flower strategies are told `server_round`; a
+  client-side hook gets a `ClientRound` (the client, the round, the message it received).
+  The algorithm object is shared by every client of a process, so it keeps no client's
+  state: whatever a client must remember is in its model or its private weights.
+
+Adapter weights are named by role: keys containing `.experts.global.` form the shared state
+by default (`is_shared`); everything else (local experts, gates) is private to a client and
+is kept by the runtime between rounds on that client. An algorithm whose adapters change
+shape during a run (FedLEASE after clustering) says so through `layout_of`: the runtime
+rebuilds a client's adapters when the layout a message implies differs from its model's.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, ContextManager
+from typing import Any, ClassVar, ContextManager, Hashable
 
 import torch
 from torch import nn
@@ -28,8 +37,8 @@ from fedlrm.adapters import AdaptedLinear, LoRAExpert, get_state, set_state
 from fedlrm.config import RunConfig
 
 State = dict[str, torch.Tensor]
+Schema = dict[str, tuple[tuple[int, ...], torch.dtype]]
 SHARED_MARK = ".experts.global."
-SERVER_ONLY = "server."
 
 
 @dataclass
@@ -41,8 +50,42 @@ class Upload:
     num_examples: int
 
 
+@dataclass
+class ServerState:
+    """What the server holds between rounds."""
+
+    #: adapter weights the server keeps and draws messages from (the global LoRA, cluster experts)
+    weights: State
+    #: the method's own bookkeeping, an instance of its `Record` (None for methods without one)
+    record: Any = None
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """What a client-side hook knows of the round it works in."""
+
+    client_id: int
+    server_round: int
+    #: the server's message for this round (weights and any entries the method adds)
+    received: State
+
+
+@dataclass
+class NoSettings:
+    """The settings of a method that has none of its own."""
+
+
 class Algorithm:
     name: ClassVar[str]
+    #: the method's own settings: a dataclass whose fields are the keys of its config section
+    Settings: ClassVar[type] = NoSettings
+    #: the server's typed bookkeeping (a dataclass of ints, floats, strings, lists, dicts and
+    #: tensors, which the checkpoint serialises), or None if the weights are all the server keeps
+    Record: ClassVar[type | None] = None
+    #: own settings of a seconds-long test run (e.g. one warm-up round); tests take them from here
+    quick_settings: ClassVar[dict[str, Any]] = {}
+    #: keys that used to be shared before they moved into this method's section: old -> own key
+    moved_keys: ClassVar[dict[str, str]] = {}
     #: False for methods that never train (zero-shot)
     trains: ClassVar[bool] = True
     #: whether a server-side model exists that can be evaluated on the whole test split
@@ -52,18 +95,20 @@ class Algorithm:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.settings = cfg.methods[self.name]
+
+    @classmethod
+    def check(cls, settings: Any, cfg: RunConfig) -> None:
+        """Refuse bad values of the method's own settings (a ConfigError naming `<name>.<key>`)."""
 
     # ----- model: what a client trains -------------------------------------------------
-    def make_layer(self, linear: nn.Linear) -> AdaptedLinear | None:
-        """The adapted replacement of one target layer, or None to leave the model as it is."""
+    def make_layer(self, linear: nn.Linear, layout: Hashable) -> AdaptedLinear | None:
+        """The adapted replacement of one target layer in `layout`, or None to leave it as it is."""
         raise NotImplementedError
 
-    def layout(self, message: State) -> object:
+    def layout_of(self, message: State) -> Hashable:
         """The adapter layout a client needs for a message from the server (constant by default)."""
         return None
-
-    def use_layout(self, layout: object) -> None:
-        """Make `make_layer` build the given layout."""
 
     def private_init_key(self, client_id: int) -> object:
         """Clients with the same key start with the same private weights (default: each its own)."""
@@ -77,47 +122,52 @@ class Algorithm:
         a = self.cfg.adapter
         return LoRAExpert(linear.in_features, linear.out_features, rank, a.alpha, a.dropout)
 
-    # ----- messages -----------------------------------------------------------------------
-    def message_for(self, client_id: int, server_state: State) -> State:
-        """What the server sends one client: its state less the server-only bookkeeping."""
-        return {k: v for k, v in server_state.items() if not k.startswith(SERVER_ONLY)}
+    # ----- server side ------------------------------------------------------------------
+    def init_server(self, weights: State) -> ServerState:
+        """The server's state before round 1 from the initial shared weights (e.g. with a first
+        selection); the weights alone by default."""
+        return ServerState(weights)
 
-    def init_server(self, server_state: State) -> State:
-        """The server's state before round 1 (e.g. a first selection); as it is by default."""
-        return server_state
+    def message_for(self, state: ServerState, client_id: int, server_round: int) -> State:
+        """What the server sends one client for `server_round`: its weights by default."""
+        return dict(state.weights)
+
+    def aggregate(self, state: ServerState, uploads: list[Upload], server_round: int) -> ServerState:
+        """The new server state from this round's uploads (paper eq. 6 by default)."""
+        return ServerState({**state.weights, **weighted_mean(uploads)}, state.record)
+
+    def example_message(self, state: ServerState, private: State, client_id: int) -> State:
+        """A message as a client receives it in a typical training round, for benchmarks that
+        time a step (the round-1 message by default; FedLEASE's after clustering)."""
+        return self.message_for(state, client_id, 1)
 
     # ----- client side ------------------------------------------------------------------
-    def receive(self, model: nn.Module, received: State) -> None:
-        """Install the server's state into the client's model before local training."""
-        set_state(model, received)
+    def receive(self, model: nn.Module, ctx: ClientRound) -> None:
+        """Install the server's message into the client's model before local training."""
+        set_state(model, ctx.received)
 
-    def regularizer(self, model: nn.Module, received: State) -> torch.Tensor | None:
+    def regularizer(self, model: nn.Module, ctx: ClientRound) -> torch.Tensor | None:
         """A term added to the cross-entropy loss during local training."""
         return None
 
-    def upload(self, model: nn.Module, shared_keys: list[str]) -> State:
+    def upload(self, model: nn.Module, shared_keys: list[str], ctx: ClientRound) -> State:
         """What the client sends to the server after local training."""
         return get_state(model, shared_keys)
 
-    def client_report(self, model: nn.Module, train_set) -> State:
+    def client_report(self, model: nn.Module, train_set, ctx: ClientRound) -> State:
         """Statistics of its own data a client adds to its upload (e.g. layer scores); none by default."""
         return {}
 
-    def report_schema(self, model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def report_schema(self, model: nn.Module) -> Schema:
         """Shape and dtype of each tensor `client_report` adds, so the server can check uploads."""
         return {}
-
-    # ----- server side ------------------------------------------------------------------
-    def aggregate(self, global_state: State, uploads: list[Upload]) -> State:
-        """The new server state from this round's uploads (paper eq. 6 by default)."""
-        return {**global_state, **weighted_mean(uploads)} if uploads else global_state
 
     # ----- evaluation and records -------------------------------------------------------
     def global_view(self, model: nn.Module) -> ContextManager:
         """Within this context `model` (holding the server state) acts as the global model."""
         return nullcontext(model)
 
-    def write_report(self, run_dir: Path, server_state: State) -> None:
+    def write_report(self, run_dir: Path, state: ServerState) -> None:
         """Write what the algorithm decided during the run (e.g. clusters) into the run directory."""
 
 

@@ -22,23 +22,25 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fedlrm.adapters import AdaptedLinear, adapter_parameters, get_state, set_state
-from fedlrm.adapters.inject import BLOCK_INDEX
-from fedlrm.algorithms.base import Algorithm, State, Upload, weighted_mean
-from fedlrm.federation.seeding import derive_seed
+from fedlrm.adapters import AdaptedLinear, adapter_parameters, block_index, get_state, set_state
+from fedlrm.algorithms.base import Algorithm, ServerState, State, Upload, weighted_mean
+from fedlrm.algorithms.registry import register
+from fedlrm.config import at_least_one, one_of
+from fedlrm.seeding import derive_seed
 
 MASK, SCORES = "f3ocus.mask", "f3ocus.scores"
 
 
 def block_of(key: str) -> int:
-    found = BLOCK_INDEX.search(key)
+    found = block_index(key)
     if found is None:
         raise ValueError(f"F3OCUS selects transformer blocks, but adapter {key} is in none")
-    return int(found.group(1))
+    return found
 
 
 def blocks(keys) -> list[int]:
@@ -168,43 +170,70 @@ def select_layers(scores: np.ndarray, budget: int, optimizer: str, population: i
             "evaluated_masks": X}
 
 
+@dataclass
+class F3OCUSSettings:
+    budget: int = 2  # transformer blocks each client trains per round
+    optimizer: str = "nsga2"  # pymoo meta-heuristic: nsga2 | smsemoa
+    population: int = 40
+    generations: int = 30
+    ntk_batch: int = 8  # images per client for the layer-wise NTK
+
+
+@dataclass
+class Selections:
+    """The server's record: the selection clients train with next, and how it was chosen."""
+
+    masks: torch.Tensor  # (clients, blocks) 0/1: the blocks each client trains in the next round
+    scores: torch.Tensor  # (clients, blocks): each client's latest scores (uniform until it sent some)
+    fronts: dict[int, torch.Tensor] = field(default_factory=dict)  # round -> Pareto front (importance, diversity)
+    chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # round -> the point chosen from it
+
+
+@register
 class F3OCUS(Algorithm):
     name = "f3ocus"
+    Settings = F3OCUSSettings
+    Record = Selections
+    quick_settings = {"budget": 1, "population": 8, "generations": 3, "ntk_batch": 4}
     aggregates_by_mean = False  # it looks at each upload
 
-    def make_layer(self, linear):
+    @classmethod
+    def check(cls, settings, cfg):
+        one_of("f3ocus.optimizer", settings.optimizer, ("nsga2", "smsemoa"))
+        for key in ("budget", "population", "generations", "ntk_batch"):
+            at_least_one(f"f3ocus.{key}", getattr(settings, key))
+
+    def make_layer(self, linear, layout):
         return AdaptedLinear(linear, {"global": self.expert(linear, self.cfg.adapter.rank)})
 
     # ----- server -----------------------------------------------------------------------
-    def select(self, scores: np.ndarray, round_index: int) -> State:
-        f = self.cfg.f3ocus
+    def select(self, scores: np.ndarray, for_round: int, record: Selections | None) -> Selections:
+        """The selection clients train with in `for_round`, from the scores known now."""
+        f = self.settings
         picked = select_layers(scores, f.budget, f.optimizer, f.population, f.generations,
-                               derive_seed(self.cfg.seed, "f3ocus", round_index))
-        return {"server.masks": torch.from_numpy(picked["masks"]),
-                f"server.front.{round_index}": torch.from_numpy(picked["front"]),
-                f"server.chosen.{round_index}": torch.from_numpy(picked["chosen"]),
-                "server.scores": torch.from_numpy(scores)}
+                               derive_seed(self.cfg.seed, "f3ocus", for_round))
+        fronts = {**(record.fronts if record else {}), for_round: torch.from_numpy(picked["front"])}
+        chosen = {**(record.chosen if record else {}), for_round: torch.from_numpy(picked["chosen"])}
+        return Selections(torch.from_numpy(picked["masks"]), torch.from_numpy(scores), fronts, chosen)
 
-    def init_server(self, server_state: State) -> State:
-        n, L = self.cfg.data.num_clients, len(blocks(server_state))
-        return {**server_state, **self.select(np.full((n, L), 1.0 / L), 1)}
+    def init_server(self, weights: State) -> ServerState:
+        n, L = self.cfg.data.num_clients, len(blocks(weights))
+        return ServerState(weights, self.select(np.full((n, L), 1.0 / L), 1, None))
 
-    def message_for(self, client_id: int, server_state: State) -> State:
-        message = super().message_for(client_id, server_state)
-        message[MASK] = server_state["server.masks"][client_id].clone()
-        return message
+    def message_for(self, state: ServerState, client_id: int, server_round: int) -> State:
+        return {**state.weights, MASK: state.record.masks[client_id].clone()}
 
-    def aggregate(self, server_state: State, uploads) -> State:
-        scores = server_state["server.scores"].numpy().copy()
+    def aggregate(self, state: ServerState, uploads, server_round: int) -> ServerState:
+        scores = state.record.scores.numpy().copy()
         for u in uploads:
             scores[u.client_id] = u.state[SCORES].numpy()
         weights = weighted_mean([Upload(u.client_id, {k: v for k, v in u.state.items() if k != SCORES},
-                                      u.num_examples) for u in uploads])
-        next_round = 1 + sum(1 for k in server_state if k.startswith("server.chosen."))
-        return {**server_state, **weights, **self.select(scores, next_round)}
+                                        u.num_examples) for u in uploads])
+        return ServerState({**state.weights, **weights}, self.select(scores, server_round + 1, state.record))
 
     # ----- client -----------------------------------------------------------------------
-    def receive(self, model, received: State) -> None:
+    def receive(self, model, ctx) -> None:
+        received = ctx.received
         set_state(model, {k: v for k, v in received.items() if k != MASK})
         if MASK not in received:
             return
@@ -212,12 +241,12 @@ class F3OCUS(Algorithm):
         for key, p in adapter_parameters(model).items():
             p.requires_grad_(block_of(key) in chosen)  # frozen blocks cost no backward below the lowest chosen
 
-    def upload(self, model, shared_keys) -> State:
+    def upload(self, model, shared_keys, ctx) -> State:
         trained = [k for k, p in adapter_parameters(model).items() if p.requires_grad]
         return get_state(model, trained)
 
-    def client_report(self, model, train_set) -> State:
-        images, _ = next(train_set.batches(self.cfg.f3ocus.ntk_batch))
+    def client_report(self, model, train_set, ctx) -> State:
+        images, _ = next(train_set.batches(self.settings.ntk_batch))
         device = next(model.buffers()).device
         # The logits of the classes this client holds: the Jacobian costs one backward pass per
         # image and logit, and with 100 classes of which a client holds 10 the other 90 made it
@@ -229,19 +258,36 @@ class F3OCUS(Algorithm):
         return {SCORES: ((len(blocks(adapter_parameters(model))),), torch.float32)}
 
     # ----- records ----------------------------------------------------------------------
-    def write_report(self, run_dir, server_state: State) -> None:
-        from fedlrm.reporting import plot_selection
-
-        rounds = sorted(int(k.rsplit(".", 1)[1]) for k in server_state if k.startswith("server.chosen."))
-        record = {
+    def write_report(self, run_dir, state: ServerState) -> None:
+        record = state.record
+        rounds = sorted(record.chosen)
+        report = {
             "objectives": ["importance: mean over clients of the summed scores of their blocks",
                            "diversity: mean pairwise Hamming distance of client selections / (2 budget)"],
-            "blocks": blocks(k for k in server_state if ".experts.global." in k),
-            "rounds": {r: {"front": server_state[f"server.front.{r}"].tolist(),
-                           "chosen": server_state[f"server.chosen.{r}"].tolist()} for r in rounds},
-            "last_scores": server_state["server.scores"].tolist(),
-            "next_masks": server_state["server.masks"].tolist(),
+            "blocks": blocks(k for k in state.weights if ".experts.global." in k),
+            "rounds": {r: {"front": record.fronts[r].tolist(), "chosen": record.chosen[r].tolist()} for r in rounds},
+            "last_scores": record.scores.tolist(),
+            "next_masks": record.masks.tolist(),
         }
-        (run_dir / "selection.json").write_text(json.dumps(record, indent=2))
-        plot_selection(run_dir / "selection.png", server_state[f"server.front.{rounds[-1]}"].numpy(),
-                       server_state[f"server.chosen.{rounds[-1]}"].numpy(), server_state["server.masks"].numpy())
+        (run_dir / "selection.json").write_text(json.dumps(report, indent=2))
+        plot_selection(run_dir / "selection.png", record.fronts[rounds[-1]].numpy(), record.chosen[rounds[-1]].numpy(),
+                       record.masks.numpy())
+
+
+def plot_selection(path, front, chosen, masks) -> None:
+    """F3OCUS: the last Pareto front with its chosen point, and who trains which block next."""
+    from fedlrm.reporting import MaxNLocator, plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(front[:, 0], front[:, 1], marker="o", linestyle="-", label="Pareto front (evaluated candidates)")
+    axes[0].scatter([chosen[0]], [chosen[1]], color="tab:red", zorder=3, s=60, label="chosen")
+    axes[0].set(xlabel="importance (mean summed NTK score)", ylabel="inter-client diversity", title="layer selection")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].imshow(masks, cmap="Blues", aspect="auto", vmin=0, vmax=1)
+    axes[1].set(xlabel="transformer block", ylabel="client", title="blocks each client trains next")
+    axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

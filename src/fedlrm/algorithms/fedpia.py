@@ -21,16 +21,19 @@ No public code exists; every choice above is ours and listed in the README.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from fedlrm.adapters import AdaptedLinear, adapter_parameters, get_state
-from fedlrm.algorithms.base import Algorithm, State
+from fedlrm.algorithms.base import Algorithm, ServerState, State
+from fedlrm.algorithms.registry import register
+from fedlrm.config import at_least_one
+from fedlrm.errors import ConfigError
 
 LOCAL, GLOBAL = ".experts.local.", ".experts.global."
-HISTORY = "server.transport"  # (rounds, layers, 2): transport cost before / after alignment
 
 
 def components(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -72,18 +75,43 @@ def barycenter(adapters: list[torch.Tensor], weights: list[float], start: torch.
     return bary, before, after
 
 
+@dataclass
+class FedPIASettings:
+    global_weight: float = 0.5  # client integration: (1 - w) * own + w * aligned global
+    max_iterations: int = 10  # server barycenter: align-and-average passes at most
+    tolerance: float = 1e-6  # stop when the barycenter moves less than this (Frobenius norm)
+
+
+@dataclass
+class TransportCosts:
+    """The server's record: per round and layer, the transport cost of the uploads to the
+    barycenter with their components in their own order and optimally permuted."""
+
+    per_round: torch.Tensor | None = None  # (rounds, layers, 2): before / after alignment
+
+
+@register
 class FedPIA(Algorithm):
     name = "fedpia"
+    Settings = FedPIASettings
+    Record = TransportCosts
     aggregates_by_mean = False  # it looks at each upload
     has_global_model = False  # clients evaluate their integrated adapters
 
-    def make_layer(self, linear):
+    @classmethod
+    def check(cls, settings, cfg):
+        at_least_one("fedpia.max_iterations", settings.max_iterations)
+        if not 0 <= settings.global_weight <= 1:
+            raise ConfigError(f"fedpia.global_weight must be in [0, 1], got {settings.global_weight}")
+
+    def make_layer(self, linear, layout):
         return AdaptedLinear(linear, {"local": self.expert(linear, self.cfg.adapter.rank)})
 
     def layers(self, keys) -> list[str]:
         return sorted({k.rsplit(".experts.", 1)[0] for k in keys})
 
-    def receive(self, model, received: State) -> None:
+    def receive(self, model, ctx) -> None:
+        received = ctx.received
         if not received:
             return
         params = adapter_parameters(model)
@@ -92,17 +120,21 @@ class FedPIA(Algorithm):
                 A, B = params[f"{layer}{LOCAL}A"], params[f"{layer}{LOCAL}B"]
                 own = components(A, B)
                 permuted, _, _ = align(components(received[f"{layer}{GLOBAL}A"], received[f"{layer}{GLOBAL}B"]), own)
-                weight = self.cfg.fedpia.global_weight
+                weight = self.settings.global_weight
                 A_new, B_new = split((1 - weight) * own + weight * permuted, A.shape[1], A.dtype)
                 A.copy_(A_new)
                 B.copy_(B_new)
 
-    def upload(self, model, shared_keys) -> State:
+    def upload(self, model, shared_keys, ctx) -> State:
         state = get_state(model)
         return {k.replace(LOCAL, GLOBAL): v for k, v in state.items() if LOCAL in k}
 
-    def aggregate(self, server_state: State, uploads) -> State:
-        state = dict(server_state)
+    def init_server(self, weights: State) -> ServerState:
+        return ServerState(weights, TransportCosts())
+
+    def aggregate(self, state: ServerState, uploads, server_round: int) -> ServerState:
+        server_state = state.weights
+        weights = dict(server_state)
         costs = []
         for layer in self.layers(uploads[0].state):
             zs = [components(u.state[f"{layer}{GLOBAL}A"], u.state[f"{layer}{GLOBAL}B"]) for u in uploads]
@@ -110,23 +142,21 @@ class FedPIA(Algorithm):
                 start = components(server_state[f"{layer}{GLOBAL}A"], server_state[f"{layer}{GLOBAL}B"])
             else:  # first round: the client with most samples (lowest id on a tie) is the reference
                 start = zs[max(range(len(uploads)), key=lambda i: (uploads[i].num_examples, -uploads[i].client_id))]
-            p = self.cfg.fedpia
+            p = self.settings
             bary, before, after = barycenter(zs, [u.num_examples for u in uploads], start, p.max_iterations,
                                              p.tolerance)
             A0 = uploads[0].state[f"{layer}{GLOBAL}A"]
-            state[f"{layer}{GLOBAL}A"], state[f"{layer}{GLOBAL}B"] = split(bary, A0.shape[1], A0.dtype)
+            weights[f"{layer}{GLOBAL}A"], weights[f"{layer}{GLOBAL}B"] = split(bary, A0.shape[1], A0.dtype)
             costs.append((before, after))
         row = torch.tensor(costs, dtype=torch.float64)[None]
-        state[HISTORY] = torch.cat([server_state[HISTORY], row]) if HISTORY in server_state else row
-        return state
+        history = state.record.per_round
+        return ServerState(weights, TransportCosts(row if history is None else torch.cat([history, row])))
 
-    def write_report(self, run_dir, server_state: State) -> None:
-        if HISTORY not in server_state:
+    def write_report(self, run_dir, state: ServerState) -> None:
+        if state.record.per_round is None:
             return
-        from fedlrm.reporting import plot_transport
-
-        layers = self.layers(k for k in server_state if GLOBAL in k)
-        history = server_state[HISTORY].numpy()
+        layers = self.layers(k for k in state.weights if GLOBAL in k)
+        history = state.record.per_round.numpy()
         with (run_dir / "transport.csv").open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["round", "layer", "cost_before_alignment", "cost_after_alignment"])
@@ -134,3 +164,20 @@ class FedPIA(Algorithm):
                 for layer, (before, after) in zip(layers, per_layer):
                     writer.writerow([r, layer, f"{before:.6g}", f"{after:.6g}"])
         plot_transport(run_dir / "transport.png", history)
+
+
+def plot_transport(path, history) -> None:
+    """FedPIA: transport cost of client adapters to the barycenter per round, before and after alignment."""
+    from fedlrm.reporting import MaxNLocator, plt
+
+    rounds = range(1, len(history) + 1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, history[:, :, 0].mean(1), marker="o", label="before alignment (own order)")
+    ax.plot(rounds, history[:, :, 1].mean(1), marker="o", label="after alignment (permuted)")
+    ax.set(xlabel="round", ylabel="transport cost, mean over layers", title="FedPIA: clients to barycenter")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,13 +1,30 @@
 """LoRA with FedProx (the paper's LoRAProx): FedAvg plus mu/2 * ||theta - theta_global||^2 locally."""
 
+from dataclasses import dataclass
+
 from fedlrm.adapters import adapter_parameters
 from fedlrm.algorithms.fedavg import FedAvg
+from fedlrm.algorithms.registry import register
+from fedlrm.errors import ConfigError
 
 
+@dataclass
+class FedProxSettings:
+    mu: float = 0.01  # weight of the proximal term
+
+
+@register
 class FedProx(FedAvg):
     name = "fedprox"
+    Settings = FedProxSettings
+    moved_keys = {"train.prox_mu": "mu"}
 
-    def regularizer(self, model, received):
+    @classmethod
+    def check(cls, settings, cfg):
+        if settings.mu < 0:
+            raise ConfigError(f"fedprox.mu must be 0 or more, got {settings.mu}")
+
+    def regularizer(self, model, ctx):
         params = adapter_parameters(model)
-        squared = sum(((params[k] - v.to(params[k].device)) ** 2).sum() for k, v in received.items())
-        return 0.5 * self.cfg.train.prox_mu * squared
+        squared = sum(((params[k] - v.to(params[k].device)) ** 2).sum() for k, v in ctx.received.items())
+        return 0.5 * self.settings.mu * squared

@@ -1,7 +1,7 @@
 """Federated image data: sources, client partitions, few-shot sampling, image sets.
 
 `load_federated_data(cfg.data, preprocess, seed)` is the one entry point; see
-DESIGN.md section 3 for the protocol it implements.
+docs/DESIGN.md section 3 for the protocol it implements.
 """
 
 from fedlrm.data.augment import random_resized_crop_flip

@@ -29,6 +29,7 @@ def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
     """Read `cfg`'s dataset, split its train split among the clients (seeded by `seed`),
     draw each client's test set and the global test set, and decode every image used once
     (checking it); preprocessed images are cached in memory if they fit the budget."""
+    cfg.check()  # the settings themselves; what depends on the data is checked where it is used
     started = time.perf_counter()
     limit = CACHE_LIMIT_BYTES if cache_limit_bytes is None else cache_limit_bytes
     source = load_source(cfg)

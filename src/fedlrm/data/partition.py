@@ -37,8 +37,6 @@ def partition(labels: np.ndarray, rows: np.ndarray, cfg: DataConfig, seed: int) 
     labels = np.asarray(labels, dtype=np.int64)
     rows = np.asarray(rows, dtype=np.int64)
     n, k = len(labels), cfg.num_clients
-    if k < 1:
-        raise DataError(f"data.num_clients must be at least 1, got {k}")
     if n < k:
         raise DataError(
             f"the train split has {n} images for {k} clients: some client would be left with "
@@ -47,7 +45,7 @@ def partition(labels: np.ndarray, rows: np.ndarray, cfg: DataConfig, seed: int) 
     flwr_seed = _u64(seed) % (2**32)
     if cfg.partition == "shard":
         shards = k * cfg.shards_per_client
-        if cfg.shards_per_client < 1 or n < shards:
+        if n < shards:
             raise DataError(
                 f"data.partition=shard cuts the {n} train images into data.num_clients x "
                 f"data.shards_per_client = {k} x {cfg.shards_per_client} shards; that leaves some "
@@ -57,8 +55,6 @@ def partition(labels: np.ndarray, rows: np.ndarray, cfg: DataConfig, seed: int) 
                                        num_shards_per_partition=cfg.shards_per_client,
                                        shuffle=True, seed=flwr_seed)
     elif cfg.partition == "dirichlet":
-        if not cfg.dirichlet_alpha > 0:
-            raise DataError(f"data.dirichlet_alpha must be positive, got {cfg.dirichlet_alpha}")
         partitioner = DirichletPartitioner(num_partitions=k, partition_by="label",
                                            alpha=float(cfg.dirichlet_alpha),
                                            min_partition_size=max(1, min(10, n // k)),
@@ -104,8 +100,6 @@ def few_shot(rows: np.ndarray, labels: np.ndarray, shots: int, seed: int, client
     `labels[i]` is the label of `rows[i]`; `shots == 0` keeps every row."""
     rows = np.asarray(rows, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
-    if shots < 0:
-        raise DataError(f"data.shots must be 0 (whole partition) or more, got {shots}")
     if shots == 0:
         return rows.copy()
     rng = rng_for(seed, _FEW_SHOT, client)
@@ -160,8 +154,6 @@ def client_test(train_labels: np.ndarray, test_labels: np.ndarray, size: int | N
             f"the test split has no images of class {names}, which client {client} trains on; "
             f"add test images of that class or drop it with data.exclude_classes"
         )
-    if size is not None and size < 0:
-        raise DataError(f"data.test_per_client must be 0 or more (or null), got {size}")
     counts, largest = proportional_counts(want, have, size)
     rng = rng_for(seed, _CLIENT_TEST, client)
     chosen = []
@@ -176,7 +168,5 @@ def global_test(n: int, size: int | None, seed: int) -> np.ndarray:
     """Positions 0..n-1 of the whole test split, or a seeded subsample of `size` (sorted)."""
     if size is None or size >= n:
         return np.arange(n, dtype=np.int64)
-    if size < 1:
-        raise DataError(f"data.global_test_size must be at least 1 (or null), got {size}")
     rng = rng_for(seed, _GLOBAL_TEST)
     return np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)

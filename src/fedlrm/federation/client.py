@@ -9,7 +9,7 @@ from fedlrm.algorithms import Algorithm, State
 from fedlrm.config import RunConfig
 from fedlrm.data import ClientSplit
 from fedlrm.federation import privacy
-from fedlrm.federation.server import EvalReply, TrainReply
+from fedlrm.federation.messages import EvalReply, TrainReply
 from fedlrm.federation.task import ModelBundle, client_round, evaluate, initial_private, load_client
 from fedlrm.federation.wire import decode, encode
 
@@ -38,7 +38,7 @@ class Client:
 
     def evaluate(self, round_index: int, message: bytes) -> EvalReply:
         t0 = time.perf_counter()
-        load_client(self.bundle, self.algorithm, self.cfg, self.client_id, self.state(), decode(message))
+        load_client(self.bundle, self.algorithm, self.cfg, self.client_id, self.state(), decode(message), round_index)
         result = evaluate(self.bundle.model, self.split.test, self.cfg.train.eval_batch_size, self.cfg.train)
         return EvalReply(self.client_id, result["accuracy"], result["loss"], result["examples"],
                          len(self.split.train), time.perf_counter() - t0, result["forward_seconds"])

@@ -2,8 +2,8 @@
 
 `Server.run` is the round loop of every runtime: sample clients, send each its message,
 check and aggregate what comes back, have every client evaluate, record, checkpoint.
-How messages reach clients is a `Transport`: in-process calls (`simulation`) or Flower
-messages (`flower`). Neither the loop nor a transport knows which algorithm runs.
+How messages reach clients is a `Transport` (`messages`): in-process calls (`simulation`)
+or Flower messages (`flower`). Neither the loop nor a transport knows which algorithm runs.
 """
 
 from __future__ import annotations
@@ -13,81 +13,24 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from fedlrm.adapters import get_state, reset_adapters
-from fedlrm.algorithms import Algorithm, State, Upload
+from fedlrm.algorithms import Algorithm, ServerState, Upload
 from fedlrm.config import RunConfig
 from fedlrm.errors import FedLRMError
 from fedlrm.federation import privacy
 from fedlrm.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedlrm.federation.seeding import derive_seed, sample_clients
+from fedlrm.federation.messages import EvalReply, Message, TrainReply, Transport
 from fedlrm.federation.task import ModelBundle, evaluate, personalize
 from fedlrm.federation.validation import (Rejection, expected_upload, norm_outliers, schema_problem,
                                           update_norm)
 from fedlrm.federation.wire import decode, encode
+from fedlrm.seeding import derive_seed, sample_clients
 
 log = logging.getLogger("fedlrm.server")
-
-
-@dataclass
-class TrainReply:
-    """A client's answer to a training message."""
-
-    client: int
-    upload: bytes
-    num_examples: int
-    train_loss: float | None = None
-    train_seconds: float = 0.0
-    compute_seconds: float = 0.0  # of train_seconds, in forward, backward and optimiser steps
-
-
-@dataclass
-class EvalReply:
-    client: int
-    accuracy: float
-    loss: float
-    n_test: int
-    n_train: int
-    seconds: float = 0.0
-    forward_seconds: float = 0.0  # of seconds, in forward passes
-
-
-@dataclass
-class Message:
-    """One transfer between server and a client, as it crossed."""
-
-    round: int
-    client: int
-    direction: str  # "down" (server to client) or "up"
-    payload: bytes
-
-    @property
-    def keys(self) -> list[str]:
-        return list(decode(self.payload))
-
-
-class Transport(Protocol):
-    """Carries the server's messages to clients and brings back their answers.
-
-    A client that fails or does not answer in time is simply absent from the result."""
-
-    def train(self, round_index: int, messages: dict[int, bytes]) -> dict[int, TrainReply]: ...
-
-    def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]: ...
-
-    def private_states(self) -> dict[int, State]:
-        """Client-held state to put in the server's checkpoint ({} where clients keep their own)."""
-        ...
-
-    def restore(self, private: dict[int, State]) -> None: ...
-
-    def secure_train(self, round_index: int, messages: dict[int, bytes], schema) -> tuple[State | None, int]:
-        """Train with secure aggregation: the weighted mean of the uploads and how many contributed."""
-        ...
 
 
 class RoundFailed(FedLRMError):
@@ -100,7 +43,7 @@ class RunResult:
     client_rows: list[dict]
     round_rows: list[dict]
     summary: dict
-    global_state: dict
+    server_state: ServerState
     client_states: dict
     messages: list[Message] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
@@ -116,7 +59,7 @@ class Server:
         self.max_upload_params = 0
         self.rejections: list[Rejection] = []
 
-    def initial_state(self) -> State:
+    def initial_state(self) -> ServerState:
         reset_adapters(self.bundle.model, derive_seed(self.cfg.seed, "init", "global"))
         return self.algorithm.init_server(get_state(self.bundle.model, self.bundle.shared_keys))
 
@@ -131,7 +74,7 @@ class Server:
             except Exception as err:  # a corrupt payload is a bad update like any other
                 self._reject(round_index, c, f"payload cannot be decoded ({err})")
                 continue
-            schema = expected_upload(self.bundle, self.algorithm, self.cfg, c, message)
+            schema = expected_upload(self.bundle, self.algorithm, self.cfg, c, message, round_index)
             problem = schema_problem(schema, upload)
             if problem is None and reply.num_examples <= 0:
                 problem = f"claims {reply.num_examples} training examples"
@@ -150,7 +93,7 @@ class Server:
         """A round with secure aggregation: the transport returns only the weighted mean of the
         uploads, which is checked as a whole and stands in for them (see `aggregates_by_mean`)."""
         first = min(sent)
-        schema = expected_upload(self.bundle, self.algorithm, self.cfg, first, decode(sent[first]))
+        schema = expected_upload(self.bundle, self.algorithm, self.cfg, first, decode(sent[first]), round_index)
         mean, contributors = transport.secure_train(round_index, sent, schema)
         if mean is None:
             return [], 0
@@ -164,8 +107,8 @@ class Server:
         log.warning("round %d: rejected the upload of client %d: %s", round_index, client, reason)
         self.rejections.append(Rejection(round_index, client, reason))
 
-    def aggregate(self, round_index: int, global_state: State, uploads: list[Upload],
-                  contributors: int | None = None) -> State:
+    def aggregate(self, round_index: int, state: ServerState, uploads: list[Upload],
+                  contributors: int | None = None) -> ServerState:
         """The new server state; `contributors` is how many clients stand behind `uploads`
         (one each, unless secure aggregation merged them)."""
         needed = self.cfg.federation.min_clients
@@ -175,7 +118,7 @@ class Server:
                 f"round {round_index}: only {contributors} valid upload(s) arrived, fewer than "
                 f"federation.min_clients={needed}; the last checkpoint keeps the state of round "
                 f"{round_index - 1}. Bring clients back and resume the run, or lower federation.min_clients.")
-        return self.algorithm.aggregate(global_state, uploads) if uploads else global_state
+        return self.algorithm.aggregate(state, uploads, round_index) if uploads else state
 
     # ------------------------------------------------------------------ the round loop
     def run(self, transport: Transport, run_dir: Path | None = None, resume: bool = False,
@@ -184,13 +127,13 @@ class Server:
 
         `stop_after_round` ends the run early as an interruption would (for tests)."""
         cfg, algo = self.cfg, self.algorithm
-        global_state = self.initial_state()
+        state = self.initial_state()
         client_rows: list[dict] = []
         round_rows: list[dict] = []
         start = 1 if algo.trains else 0
         last = cfg.train.rounds if algo.trains else 0
-        if resume and run_dir is not None and (ckpt := load_checkpoint(run_dir)) is not None:
-            global_state, client_rows, round_rows = ckpt.global_state, ckpt.client_rows, ckpt.round_rows
+        if resume and run_dir is not None and (ckpt := load_checkpoint(run_dir, algo.Record)) is not None:
+            state, client_rows, round_rows = ckpt.server, ckpt.client_rows, ckpt.round_rows
             transport.restore(ckpt.clients)
             start = ckpt.round + 1
         if run_dir is not None and privacy.enabled(cfg.privacy):
@@ -200,7 +143,7 @@ class Server:
         for r in bar:
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, r, self.num_clients, cfg.train.client_fraction) if r else []
-            sent = {c: encode(algo.message_for(c, global_state)) for c in sampled}
+            sent = {c: encode(algo.message_for(state, c, r)) for c in sampled}
             rejected_before = len(self.rejections)
             if cfg.privacy.secagg and sent:
                 uploads, answered = self.secure_round(transport, r, sent)
@@ -223,11 +166,11 @@ class Server:
             for u in uploads:
                 self.max_upload_params = max(self.max_upload_params, sum(v.numel() for v in u.state.values()))
             if sampled:
-                global_state = self.aggregate(r, global_state, uploads, contributors)
+                state = self.aggregate(r, state, uploads, contributors)
             train_seconds = time.perf_counter() - t0
             rows = []
             if r == last or r % cfg.train.eval_every == 0:
-                evals = transport.evaluate(r, {c: encode(algo.message_for(c, global_state))
+                evals = transport.evaluate(r, {c: encode(algo.message_for(state, c, r))
                                                for c in range(self.num_clients)})
                 rows = self._client_rows(r, evals, sent, replies)
             client_rows += rows
@@ -241,7 +184,7 @@ class Server:
             compute = sum(x.compute_seconds for x in replies.values())
             compute += sum(row["eval_forward_seconds"] for row in rows)
             if r == last:
-                global_eval = self.evaluate_global(global_state)
+                global_eval = self.evaluate_global(state, r)
                 compute += global_eval.pop("forward_seconds", 0.0)
                 round_row.update(global_eval)
             round_row["wall_seconds"] = time.perf_counter() - t0
@@ -252,13 +195,12 @@ class Server:
             round_row["overhead_share"] = max(0.0, 1.0 - compute / round_row["wall_seconds"])
             round_rows.append(round_row)
             if run_dir is not None:
-                save_checkpoint(run_dir, Checkpoint(r, global_state, transport.private_states(), client_rows,
-                                                    round_rows))
+                save_checkpoint(run_dir, Checkpoint(r, state, transport.private_states(), client_rows, round_rows))
                 self.write_rejections(run_dir)
             if stop_after_round is not None and r >= stop_after_round:
                 break
         bar.close()
-        return RunResult(run_dir, client_rows, round_rows, self.summarize(client_rows, round_rows), global_state,
+        return RunResult(run_dir, client_rows, round_rows, self.summarize(client_rows, round_rows), state,
                          transport.private_states(), messages, list(self.rejections))
 
     def _client_rows(self, r, evals: dict[int, EvalReply], sent, replies) -> list[dict]:
@@ -278,10 +220,10 @@ class Server:
             })
         return rows
 
-    def evaluate_global(self, global_state: State) -> dict:
+    def evaluate_global(self, state: ServerState, server_round: int) -> dict:
         if not self.algorithm.has_global_model or self.global_test is None:
             return {}
-        model = personalize(self.bundle, self.algorithm, self.cfg, 0, {}, global_state)
+        model = personalize(self.bundle, self.algorithm, self.cfg, 0, {}, state, server_round)
         with self.algorithm.global_view(model):
             result = evaluate(model, self.global_test, self.cfg.train.eval_batch_size, self.cfg.train)
         return {"global_accuracy": result["accuracy"], "global_loss": result["loss"],

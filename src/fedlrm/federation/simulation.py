@@ -6,21 +6,19 @@ inspect is exactly what a deployed client would send or receive.
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from fedlrm.algorithms import Algorithm, State, get_algorithm
-from fedlrm.config import RunConfig, to_yaml
+from fedlrm.config import RunConfig
 from fedlrm.data import FederatedData, load_federated_data
 from fedlrm.errors import ConfigError, FedLRMError
 from fedlrm.federation.client import Client
-from fedlrm.federation.server import EvalReply, Message, RunResult, Server, TrainReply, client_accuracy_stats
+from fedlrm.federation.messages import EvalReply, TrainReply
+from fedlrm.federation.server import RunResult, Server
 from fedlrm.federation.task import ModelBundle, build_model, resolve_device
 from fedlrm.models import load_backbone
-
-__all__ = ["Simulation", "Message", "RunResult", "client_accuracy_stats", "new_run_dir", "write_config"]
 
 
 class InProcessTransport:
@@ -77,17 +75,3 @@ class Simulation:
         transport = InProcessTransport(self.clients, self.progress)
         return self.server.run(transport, run_dir, resume, stop_after_round)
 
-
-def new_run_dir(cfg: RunConfig, suffix: str = "") -> Path:
-    """A fresh, empty run directory under cfg.output_dir."""
-    name = cfg.name or f"{cfg.algorithm}-{datetime.now():%Y%m%d-%H%M%S}"
-    path = Path(cfg.output_dir).expanduser() / (name + suffix)
-    if path.exists() and any(path.iterdir()):
-        raise FedLRMError(f"run directory {path} exists and is not empty; choose another name= or "
-                          f"continue it with `fedlrm run --resume {path}`")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_config(run_dir: Path, cfg: RunConfig) -> None:
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))

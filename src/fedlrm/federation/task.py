@@ -17,12 +17,12 @@ from torch import nn
 from fedlrm.adapters import (adapter_parameters, get_state, inject_adapters, reset_adapters, set_state,
                              strip_adapters)
 from fedlrm.adapters.inject import block_indices
-from fedlrm.algorithms import Algorithm, State
+from fedlrm.algorithms import Algorithm, ClientRound, ServerState, State
 from fedlrm.config import RunConfig, TrainConfig
-from fedlrm.federation.seeding import derive_seed
 from fedlrm.federation.wire import decode, encode
 from fedlrm.models import Backbone, ClipClassifier
 from fedlrm.models.frozen_prefix import cacheable_start, prefix_hidden
+from fedlrm.seeding import derive_seed
 
 
 @dataclass
@@ -40,7 +40,7 @@ def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algo
     """The classifier with the algorithm's adapters on the configured image-encoder layers."""
     backbone.set_activation_checkpointing(use_activation_checkpointing(backbone, cfg.train, cfg.model.target_layers))
     bundle = ModelBundle(ClipClassifier(backbone, class_names, cfg.model.prompt), [], [])
-    adapt(bundle, algorithm, cfg, algorithm.layout({}))
+    adapt(bundle, algorithm, cfg, algorithm.layout_of({}))
     return bundle
 
 
@@ -67,11 +67,11 @@ def adapt(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, layout: obj
     """(Re)place the algorithm's adapters of `layout` on the target layers."""
     model = bundle.model
     strip_adapters(model.image_encoder)
-    algorithm.use_layout(layout)
     bundle.adapted_modules = []
     if algorithm.trains:
         bundle.adapted_modules = inject_adapters(model.image_encoder, cfg.model.target_modules,
-                                                 algorithm.make_layer, cfg.model.target_layers)
+                                                 lambda linear: algorithm.make_layer(linear, layout),
+                                                 cfg.model.target_layers)
         model.to(model.text_features.device)
     keys = list(adapter_parameters(model))
     bundle.shared_keys = [k for k in keys if algorithm.is_shared(k)]
@@ -80,27 +80,30 @@ def adapt(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, layout: obj
 
 
 def load_client(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int, private: State,
-                received: State) -> None:
-    """Put one client's state in the model: its private weights, then what it received.
+                received: State, server_round: int) -> ClientRound:
+    """Put one client's state in the model: its private weights, then what it received for
+    `server_round`; returns the round as the algorithm's client-side hooks see it.
 
     If the message implies another adapter layout, the adapters are rebuilt first, and
     private weights the new layout has but the client does not yet (e.g. a router that
     appears after clustering) start from a seed of (run seed, layout, client)."""
-    layout = algorithm.layout(received)
+    layout = algorithm.layout_of(received)
     if layout != bundle.layout:
         adapt(bundle, algorithm, cfg, layout)
     if any(k not in private for k in bundle.private_keys):
         reset_adapters(bundle.model, derive_seed(cfg.seed, "init", repr(layout), "client", client_id))
     keep = set(bundle.private_keys)
     set_state(bundle.model, {k: v for k, v in private.items() if k in keep})
-    algorithm.receive(bundle.model, received)
+    ctx = ClientRound(client_id, server_round, received)
+    algorithm.receive(bundle.model, ctx)
+    return ctx
 
 
 def initial_private(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int) -> State:
     """A client's private weights before its first round: a function of (run seed, client) only,
     so every runtime and a client that lost its state start from the same ones."""
-    if bundle.layout != algorithm.layout({}):
-        adapt(bundle, algorithm, cfg, algorithm.layout({}))
+    if bundle.layout != algorithm.layout_of({}):
+        adapt(bundle, algorithm, cfg, algorithm.layout_of({}))
     reset_adapters(bundle.model, derive_seed(cfg.seed, "init", "client", algorithm.private_init_key(client_id)))
     return get_state(bundle.model, bundle.private_keys)
 
@@ -141,14 +144,14 @@ class TrainStats:
 
 
 def train_step(model: ClipClassifier, algorithm: Algorithm, inputs: torch.Tensor, labels: torch.Tensor,
-               received: State, optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_block: int = 0) -> float:
+               ctx: ClientRound, optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_block: int = 0) -> float:
     """One optimiser step on a batch; returns the batch's cross-entropy. `inputs` are images,
     or with `start_block` > 0 the cached hidden states entering that block."""
     device = labels.device
     with autocast(cfg, device):
         logits = model(inputs) if start_block == 0 else model.forward_from(inputs, start_block)
     loss = F.cross_entropy(logits.float(), labels)
-    extra = algorithm.regularizer(model, received)
+    extra = algorithm.regularizer(model, ctx)
     total = loss if extra is None else loss + extra
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -156,19 +159,19 @@ def train_step(model: ClipClassifier, algorithm: Algorithm, inputs: torch.Tensor
     return loss.item()
 
 
-def train_locally(model: ClipClassifier, algorithm: Algorithm, train_set, received: State, cfg: RunConfig,
-                  round_index: int, client_id: int) -> TrainStats:
+def train_locally(model: ClipClassifier, algorithm: Algorithm, train_set, ctx: ClientRound,
+                  cfg: RunConfig) -> TrainStats:
     """Local epochs of one client in one round. Every random number comes from seeds
     derived from (run seed, round, client), so a resumed run replays a round exactly."""
     t = cfg.train
-    seed = derive_seed(cfg.seed, "train", round_index, client_id)
+    seed = derive_seed(cfg.seed, "train", ctx.server_round, ctx.client_id)
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in adapter_parameters(model).values() if p.requires_grad]
     optimizer = make_optimizer(params, t)
     steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
     total_steps = t.rounds * t.local_epochs * steps_per_epoch
-    step = (round_index - 1) * t.local_epochs * steps_per_epoch
+    step = (ctx.server_round - 1) * t.local_epochs * steps_per_epoch
     device = next(model.buffers()).device
     model.train()
     start, compute, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
@@ -188,7 +191,7 @@ def train_locally(model: ClipClassifier, algorithm: Algorithm, train_set, receiv
                 group["lr"] = lr_at(t, step / total_steps)
             inputs, labels = inputs.to(device), labels.to(device)
             t0 = time.perf_counter()
-            loss = train_step(model, algorithm, inputs, labels, received, optimizer, t, first)
+            loss = train_step(model, algorithm, inputs, labels, ctx, optimizer, t, first)
             compute += time.perf_counter() - t0
             loss_sum += loss * len(labels)
             seen += len(labels)
@@ -226,16 +229,17 @@ class ClientResult:
 def client_round(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, train_set, private: State,
                  message: bytes, round_index: int, client_id: int) -> ClientResult:
     """One client's round: receive the server's bytes, train, answer with bytes."""
-    received = decode(message)
-    load_client(bundle, algorithm, cfg, client_id, private, received)
-    stats = train_locally(bundle.model, algorithm, train_set, received, cfg, round_index, client_id)
-    upload = encode({**algorithm.upload(bundle.model, bundle.shared_keys),
-                     **algorithm.client_report(bundle.model, train_set)})
+    ctx = load_client(bundle, algorithm, cfg, client_id, private, decode(message), round_index)
+    stats = train_locally(bundle.model, algorithm, train_set, ctx, cfg)
+    upload = encode({**algorithm.upload(bundle.model, bundle.shared_keys, ctx),
+                     **algorithm.client_report(bundle.model, train_set, ctx)})
     return ClientResult(upload, get_state(bundle.model, bundle.private_keys), stats)
 
 
 def personalize(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int, private: State,
-                server_state: State) -> nn.Module:
-    """The model a client evaluates with: its private weights plus what the server sends it now."""
-    load_client(bundle, algorithm, cfg, client_id, private, algorithm.message_for(client_id, server_state))
+                server: ServerState, server_round: int) -> nn.Module:
+    """The model a client evaluates with after `server_round`: its private weights plus what the
+    server sends it then."""
+    message = algorithm.message_for(server, client_id, server_round)
+    load_client(bundle, algorithm, cfg, client_id, private, message, server_round)
     return bundle.model

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlrm.algorithms import Algorithm, State
+from fedlrm.algorithms import Algorithm, Schema, State
 from fedlrm.config import RunConfig
-
-Schema = dict[str, tuple[tuple[int, ...], torch.dtype]]
+from fedlrm.federation.task import ModelBundle, load_client
 
 
 @dataclass
@@ -25,15 +24,15 @@ class Rejection:
     reason: str
 
 
-def expected_upload(bundle, algorithm: Algorithm, cfg: RunConfig, client_id: int, message: State) -> Schema:
-    """Keys, shapes and dtypes an honest client answers `message` with.
+def expected_upload(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int, message: State,
+                    server_round: int) -> Schema:
+    """Keys, shapes and dtypes an honest client answers `message` of `server_round` with.
 
     Found by running the client-side code on the server's copy of the model, so it
     follows every algorithm without knowing which one runs."""
-    from fedlrm.federation.task import load_client
-
-    load_client(bundle, algorithm, cfg, client_id, {}, message)
-    schema = {k: (tuple(v.shape), v.dtype) for k, v in algorithm.upload(bundle.model, bundle.shared_keys).items()}
+    ctx = load_client(bundle, algorithm, cfg, client_id, {}, message, server_round)
+    upload = algorithm.upload(bundle.model, bundle.shared_keys, ctx)
+    schema = {k: (tuple(v.shape), v.dtype) for k, v in upload.items()}
     schema.update(algorithm.report_schema(bundle.model))
     return schema
 

@@ -36,6 +36,7 @@ from fedlrm.config import RunConfig, to_dict
 from fedlrm.data import ClientSplit, ImageSet, load_federated_data
 from fedlrm.errors import DataError, FedLRMError
 from fedlrm.federation.client import Client
+from fedlrm.federation.export import save_personalized
 from fedlrm.federation.flower.protocol import digest, read_fields, read_request, reply
 from fedlrm.federation.flower.secagg import is_secagg, secagg_when_asked, to_arrays
 from fedlrm.federation.task import build_model, resolve_device
@@ -182,11 +183,9 @@ class NodeClient:
             old.unlink()
 
     def export(self) -> None:
-        from fedlrm.adapters.export import save_personalized
-
         c = self.client
         save_personalized(self.run_dir / "adapters", c.bundle.model, self.cfg, self.class_names, self.client_id,
-                          c.bundle.layout, decode(self.payload))
+                          c.bundle.layout, decode(self.payload), self.round)
 
 
 def materialize(image_set: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:

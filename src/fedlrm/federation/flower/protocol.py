@@ -14,8 +14,8 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedlrm.algorithms import State
-from fedlrm.config import RunConfig, from_dict, to_dict
+from fedlrm.algorithms import State, config_from_dict
+from fedlrm.config import RunConfig, to_dict
 from fedlrm.federation.wire import decode, encode
 
 STATE, META, METRICS, INFO = "state", "fedlrm", "metrics", "info"
@@ -43,7 +43,7 @@ def request(payload: bytes, **fields) -> RecordDict:
 
 
 def read_fields(meta: dict) -> tuple[dict, RunConfig]:
-    return dict(meta), from_dict(json.loads(str(meta["run-config"])))
+    return dict(meta), config_from_dict(json.loads(str(meta["run-config"])))
 
 
 def read_request(message: Message) -> tuple[dict, RunConfig, bytes]:

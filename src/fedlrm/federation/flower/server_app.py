@@ -19,18 +19,20 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlrm.algorithms import get_algorithm
-from fedlrm.config import RunConfig, load_config
+from fedlrm.algorithms import get_algorithm, load_config
+from fedlrm.config import RunConfig
 from fedlrm.data import load_federated_data
 from fedlrm.errors import FedLRMError
 from fedlrm.federation.flower.protocol import (INFO, METRICS, STATE, digest, push_and_pull, request,
                                               request_fields, unpack_state)
 from fedlrm.federation.flower.secagg import from_arrays, secure_mean
-from fedlrm.federation.server import EvalReply, Server, TrainReply
-from fedlrm.federation.simulation import new_run_dir, write_config
+from fedlrm.federation.messages import EvalReply, TrainReply
+from fedlrm.federation.rundir import new_run_dir, write_config
+from fedlrm.federation.server import Server
 from fedlrm.federation.task import build_model, resolve_device
 from fedlrm.federation.wire import decode
 from fedlrm.models import load_backbone
+from fedlrm.reporting import write_run_report
 
 app = ServerApp()
 log = logging.getLogger("fedlrm.server")
@@ -199,9 +201,7 @@ def main(grid: Grid, context: Context) -> None:
     wait_for = int(rc.get("wait-for-clients", 0) or cfg.data.num_clients)
     transport = FlowerTransport(grid, context, cfg, run_key, run_dir, float(rc.get("node-wait-timeout", 120.0)), wait_for)
     result = server.run(transport, run_dir, resume=bool(resume))
-    from fedlrm.reporting import write_run_report
-
     write_run_report(run_dir, result, cfg.algorithm)
     if algorithm.trains:
-        algorithm.write_report(run_dir, result.global_state)
+        algorithm.write_report(run_dir, result.server_state)
     log.info("finished: %s", json.dumps({k: v for k, v in result.summary.items() if k != "per_client_accuracy"}))

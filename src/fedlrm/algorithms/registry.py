@@ -1,0 +1,85 @@
+"""The algorithms a run can name, and the run configuration that knows their settings.
+
+An algorithm registers itself with `@register` on its class; the built-in ones are found
+by importing every module of this package (`fedlrm.algorithms` does so on import), so a new
+algorithm is one new module and no edit elsewhere. Registering also makes its `Settings` a
+config section named after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+from fedlrm import config as shared
+from fedlrm.algorithms.base import Algorithm
+from fedlrm.config import RunConfig
+from fedlrm.errors import ConfigError
+
+#: name -> class, in the order `fedlrm compare` runs them
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Make an algorithm available by its `name` (use as a class decorator)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f"{cls.__name__}.name must be an identifier (it names the config section), got {name!r}")
+    if name in {f.name for f in dataclasses.fields(shared.SharedConfig)}:
+        raise TypeError(f"algorithm name {name!r} is taken by a shared config key")
+    if not dataclasses.is_dataclass(cls.Settings):
+        raise TypeError(f"{cls.__name__}.Settings must be a dataclass")
+    if name in ALGORITHMS and ALGORITHMS[name] is not cls:
+        raise TypeError(f"two algorithms are called {name!r}: {ALGORITHMS[name].__qualname__} and {cls.__qualname__}")
+    ALGORITHMS[name] = cls
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Forget an algorithm (for tests that register one of their own)."""
+    ALGORITHMS.pop(name, None)
+
+
+def sections() -> dict[str, type]:
+    return {name: cls.Settings for name, cls in ALGORITHMS.items()}
+
+
+def moved_keys() -> dict[str, list[str]]:
+    moved: dict[str, list[str]] = {}
+    for name, cls in ALGORITHMS.items():
+        for old, own in cls.moved_keys.items():
+            moved.setdefault(old, []).append(f"{name}.{own}")
+    return moved
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The built-in defaults, updated by a YAML file, then by `dotted.key=value` overrides, with
+    every registered algorithm's own section; checked as a whole."""
+    cfg = shared.load(path, overrides, sections(), moved_keys())
+    check(cfg)
+    return cfg
+
+
+def config_from_dict(data: Mapping) -> RunConfig:
+    """A configuration as `fedlrm.config.to_dict` wrote it (a run's config.yaml, a Flower message)."""
+    cfg = shared.from_mapping(data, sections())
+    check(cfg)
+    return cfg
+
+
+def check(cfg: RunConfig) -> None:
+    """Every value, shared and per method, and how the algorithm that runs fits the rest."""
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {cfg.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    cfg.check_shared()
+    for name, cls in ALGORITHMS.items():
+        cls.check(cfg.methods[name], cfg)
+    if cfg.privacy.secagg and not ALGORITHMS[cfg.algorithm].aggregates_by_mean:
+        raise ConfigError(f"privacy.secagg gives the server only the weighted mean of the uploads, but "
+                          f"{cfg.algorithm} needs each upload; use it with "
+                          f"{', '.join(a for a, c in ALGORITHMS.items() if c.aggregates_by_mean and c.trains)}")
+
+
+def get_algorithm(cfg: RunConfig) -> Algorithm:
+    return ALGORITHMS[cfg.algorithm](cfg)
