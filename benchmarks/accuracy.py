@@ -92,7 +92,7 @@ PROFILES = {
               "ranks": "1,2,4,8,16,32", "rank_cells": "caltech101:1", "bf16_cells": "cifar10:16,caltech101:4"},
 }
 
-# The paper's numbers (DESIGN.md section 3): weighted mean client accuracy in %, CLIP ViT-B/16.
+# The paper's numbers (docs/DESIGN.md section 3): weighted mean client accuracy in %, CLIP ViT-B/16.
 PAPER = {
     "cifar10": {"fedlrm": {1: 90.37, 4: 91.01, 16: 91.88}, "fedavg": {1: 89.56, 16: 90.89}, "fedprox": {16: 90.0}},
     "caltech101": {"fedlrm": {4: 95.76}, "fedprox": {4: 94.11}},
@@ -227,7 +227,7 @@ def config_path(args: argparse.Namespace, dataset: str) -> str | None:
 def plan(args: argparse.Namespace) -> list[Group]:
     """Every (dataset, shots, seed) with its runs: the main grid, the rank sweep, the bf16 cells."""
     from fedlrm.algorithms import ALGORITHMS
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
 
     algorithms = split(args.algorithms) or list(ALGORITHMS)
     unknown = [a for a in algorithms if a not in ALGORITHMS]
@@ -247,7 +247,7 @@ def plan(args: argparse.Namespace) -> list[Group]:
                 if (dataset, shots) in args.bf16_cells:
                     runs += [Run(a, main_rank, "bf16") for a in BF16_METHODS if a in algorithms]
                 settings = {"rounds": cfg.train.rounds, "local_epochs": cfg.train.local_epochs,
-                            "model": cfg.model.name, "warmup_rounds": cfg.fedlease.warmup_rounds,
+                            "model": cfg.model.name, "warmup_rounds": cfg.methods["fedlease"].warmup_rounds,
                             "main_rank": main_rank}
                 groups.append(Group(dataset, shots, seed, overrides, config_path(args, dataset), runs, settings))
     return groups
@@ -309,7 +309,7 @@ def run_group(group: Group, run_root: str) -> None:
     """Load the data once, then run every run of the group; each result or failure goes to the queue."""
     import dataclasses
 
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
     from fedlrm.data import load_federated_data
     from fedlrm.experiment import run_experiment
     from fedlrm.models import load_backbone
@@ -602,9 +602,9 @@ def rank_cell_section(res: Results, args: argparse.Namespace, dataset: str, shot
 
 
 def local_rank(args: argparse.Namespace) -> int:
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
     return load_config(config_path(args, args.datasets[0]) if args.datasets else None,
-                       [o for o in args.overrides]).adapter.local_rank
+                       [o for o in args.overrides]).methods["fedlrm"].local_rank
 
 
 def bf16_section(res: Results, args: argparse.Namespace) -> list[str]:
@@ -766,7 +766,7 @@ def write_report(args: argparse.Namespace) -> Path:
     for dataset in args.datasets:
         lines += dataset_section(res, args, dataset, order)
     if "caltech101" in args.datasets:
-        lines += [("For Caltech101 the paper also states, per DESIGN.md section 3, FedLRM gains of up to 1.64 and 1.74 "
+        lines += [("For Caltech101 the paper also states, per docs/DESIGN.md section 3, FedLRM gains of up to 1.64 and 1.74 "
                   "points over LoRAFL and LoRAProx, without saying at which shots."), ""]
     lines += rank_section(res, args) + bf16_section(res, args)
     plots = write_plots(res, args, order)

@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,13 +39,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cost_report import write_report
+from harness import Children, CpuWatch, child_main, machine_info, on_off, peak_kib, reset_peak, rss_kib
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("steps", "overhead", "flops", "precision", "prefix")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-GIB = 1024 ** 3
 TARGET_OVERHEAD, TARGET_GIB, TARGET_SPEEDUP, TARGET_FEDLRM_RATIO = 0.05, 5.0, 2.0, 1.15
-# The children must never reach for the network (no weights can be downloaded here).
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -96,48 +93,6 @@ def make_plan(args) -> Plan:
                 prefix={"small": (128, 10), "ViT-B/16": (32, 10)}, matmul_reps=10)
 
 
-# ------------------------------------------------------------------------ memory of a process
-def rss_kib() -> int:
-    """The current resident set size (VmRSS), KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def peak_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def reset_peak() -> bool:
-    """Set the process's peak RSS to its current RSS (Linux clear_refs 5), so that the peak
-    read after training is training's, not that of loading the model; False if refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def cpuinfo(field: str) -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith(field):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
-def machine_info(threads: int) -> dict:
-    import torch
-    import transformers
-
-    flags = cpuinfo("flags").split()
-    return {"cpu": cpuinfo("model name") or platform.processor(), "logical_cpus": os.cpu_count(), "threads": threads,
-            "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-            "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB}
-
-
 # ------------------------------------------------------------------------------ child: models
 def make_model_dir(spec: dict) -> dict:
     """A CLIPModel with the OpenAI ViT-B vision tower (random weights) saved like a checkpoint,
@@ -163,40 +118,25 @@ def make_model_dir(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------- child: one method
 def setup_client(spec: dict):
-    """The model of client 0 in round 1 as the runtime prepares it: server state, private
-    weights, the message, `load_client`. FedLEASE gets its post-clustering message."""
+    """The model of client 0 as the runtime prepares it for a typical training round: server
+    state, private weights, the method's example message (FedLEASE's comes after clustering),
+    `load_client`. Returns the config, the algorithm, the model bundle and the round context."""
     import torch
 
-    from fedlrm.algorithms import ALGORITHMS
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import get_algorithm, load_config
     from fedlrm.federation.server import Server
     from fedlrm.federation.task import build_model, initial_private, load_client
     from fedlrm.models import load_backbone
 
     torch.set_num_threads(spec["threads"])
     cfg = load_config(None, [f"algorithm={spec['algorithm']}", f"model.name={spec['model']}", *spec["overrides"]])
-    algorithm = ALGORITHMS[cfg.algorithm](cfg)
+    algorithm = get_algorithm(cfg)
     bundle = build_model(load_backbone(cfg.model), CLASSES, cfg, algorithm)
     server_state = Server(cfg, algorithm, bundle, cfg.data.num_clients, progress=False).initial_state()
     private = initial_private(bundle, algorithm, cfg, 0)
-    message = algorithm.message_for(0, server_state)
-    if cfg.algorithm == "fedlease":
-        message = post_clustering_message(private, cfg.fedlease.max_clusters)
-    load_client(bundle, algorithm, cfg, 0, private, message)
-    return cfg, algorithm, bundle, message
-
-
-def post_clustering_message(private, experts: int) -> dict:
-    """What a FedLEASE client receives after clustering: one expert per cluster (here started
-    from its warm-up LoRA, as the server starts them from members' LoRAs) and its cluster."""
-    import torch
-
-    from fedlrm.algorithms.fedlease import CLUSTER, LOCAL
-
-    message = {k.replace(LOCAL, f".experts.e{j}."): v.clone() for j in range(experts) for k, v in private.items()
-               if LOCAL in k}
-    message[CLUSTER] = torch.tensor(0)
-    return message
+    message = algorithm.example_message(server_state, private, 0)
+    ctx = load_client(bundle, algorithm, cfg, 0, private, message, 1)
+    return cfg, algorithm, bundle, ctx
 
 
 def fixed_batch(bundle, batch: int):
@@ -209,20 +149,24 @@ def fixed_batch(bundle, batch: int):
     return images, torch.randint(0, len(CLASSES), (batch,), generator=generator)
 
 
-def describe(cfg, algorithm, bundle, message) -> dict:
-    """What trains: the parameter count, and for the methods whose step depends on their
-    state, which layout or blocks."""
-    from fedlrm.adapters import adapter_parameters
-    from fedlrm.algorithms.f3ocus import MASK, blocks
+def describe(cfg, bundle) -> dict:
+    """What trains, read off the model: parameter counts, the experts of an adapted layer and,
+    where not every adapted block trains (F3OCUS's selection), which blocks do."""
+    from fedlrm.adapters import adapted_layers, adapter_parameters, block_index
 
     params = adapter_parameters(bundle.model)
     info = {"trainable_params": sum(p.numel() for p in params.values() if p.requires_grad),
             "adapter_params": sum(p.numel() for p in params.values()), **checkpointing_info(bundle, cfg)}
-    if cfg.algorithm == "f3ocus":
-        chosen = [b for b, on in zip(blocks(params), message[MASK].tolist()) if on]
-        info["note"] = f"its round-1 selection (budget {cfg.f3ocus.budget}): blocks {chosen} train"
-    if cfg.algorithm == "fedlease":
-        info["note"] = f"after clustering: {algorithm.n_experts} experts + router; own expert and router train"
+    notes = []
+    _, layer = next(adapted_layers(bundle.model))
+    if len(layer.experts) > 2:
+        notes.append(f"{len(layer.experts)} experts and a {type(layer.mixer).__name__} per adapted layer")
+    adapted = sorted({block_index(k) for k in params})
+    trained = sorted({block_index(k) for k, p in params.items() if p.requires_grad})
+    if trained != adapted:
+        notes.append(f"blocks {trained} of {adapted} train")
+    if notes:
+        info["note"] = "; ".join(notes)
     return info
 
 
@@ -269,7 +213,7 @@ def step_child(spec: dict) -> dict:
     from fedlrm.federation.task import make_optimizer, train_step
 
     t0 = time.perf_counter()
-    cfg, algorithm, bundle, message = setup_client(spec)
+    cfg, algorithm, bundle, ctx = setup_client(spec)
     model = bundle.model
     images, labels = fixed_batch(bundle, spec["batch"])
     optimizer = make_optimizer([p for p in adapter_parameters(model).values() if p.requires_grad], cfg.train)
@@ -279,17 +223,17 @@ def step_child(spec: dict) -> dict:
     times = []
     for _ in range(spec["warmup"] + spec["steps"]):
         start = time.perf_counter()
-        train_step(model, algorithm, images, labels, message, optimizer, cfg.train)
+        train_step(model, algorithm, images, labels, ctx, optimizer, cfg.train)
         times.append(time.perf_counter() - start)
     peak = peak_kib()
-    result = {**describe(cfg, algorithm, bundle, message), "setup_s": setup_s, "step_s": times[spec["warmup"]:],
+    result = {**describe(cfg, bundle), "setup_s": setup_s, "step_s": times[spec["warmup"]:],
               "warmup_s": times[:spec["warmup"]], "median_step_s": statistics.median(times[spec["warmup"]:]),
               "rss_before_train_mib": before / 1024, "setup_peak_mib": setup_peak / 1024,
               "train_peak_mib": peak / 1024, "peak_reset": was_reset,
               "process_peak_mib": max(peak, setup_peak) / 1024, "train_increment_mib": (peak - before) / 1024}
     if spec.get("flops"):  # counted after the memory reading: the counter holds its own records
         with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
-            train_step(model, algorithm, images, labels, message, optimizer, cfg.train)
+            train_step(model, algorithm, images, labels, ctx, optimizer, cfg.train)
         result["flops"] = counter.get_total_flops()
     return result
 
@@ -326,13 +270,13 @@ def prefix_child(spec: dict) -> dict:
     from fedlrm.data.imageset import ImageSet
     from fedlrm.federation.task import train_locally
 
-    cfg, algorithm, bundle, message = setup_client(spec)
+    cfg, algorithm, bundle, ctx = setup_client(spec)
     model = bundle.model
     images, labels = fixed_batch(bundle, spec["images"])
     warm_up(model, images[:8], labels[:8])
     train_set = ImageSet.from_tensors(images, labels)
     start = time.perf_counter()
-    stats = train_locally(model, algorithm, train_set, message, cfg, 1, 0)
+    stats = train_locally(model, algorithm, train_set, ctx, cfg)
     wall = time.perf_counter() - start
     torch.save(get_state(model), spec["state_file"])
     return {**checkpointing_info(bundle, cfg), "wall_s": wall, "loss": stats.loss, "steps": stats.steps,
@@ -356,7 +300,7 @@ def warm_up(model, images, labels) -> None:
 def overhead_child(spec: dict) -> dict:
     """The built-in default federation in-process; rounds.csv's compute and overhead per round.
     If the overhead is above target, one more run under cProfile breaks it down."""
-    from fedlrm.config import load_config
+    from fedlrm.algorithms import load_config
     from fedlrm.experiment import run_experiment
 
     base = ["algorithm=fedlrm", "data.source=builtin", f"train.rounds={spec['rounds']}",
@@ -398,7 +342,8 @@ def profile_rounds(cfg) -> dict:
     import cProfile
     import pstats
 
-    from fedlrm.federation.simulation import Simulation, new_run_dir
+    from fedlrm.federation.rundir import new_run_dir
+    from fedlrm.federation.simulation import Simulation
 
     sim = Simulation(cfg, progress=False)
     run_dir = new_run_dir(cfg)
@@ -447,40 +392,18 @@ CHILDREN = {"model": make_model_dir, "step": step_child, "matmul": matmul_child,
             "overhead": overhead_child}
 
 
-def child_main(raw: str) -> None:
-    spec = json.loads(raw)
-    result = CHILDREN[spec["kind"]](spec)
-    print(json.dumps(result))  # the last line of stdout is the parent's
-
-
 # ---------------------------------------------------------------------------------- parent
 class Runner:
-    """Starts one child process per measurement and keeps the answers, so that sections that
-    need the same measurement (e.g. ViT-B/16 fedlrm fp32) share one."""
+    """The measurements of this plan, each in a child process (sections that need the same
+    measurement, e.g. ViT-B/16 fedlrm fp32, share one)."""
 
     def __init__(self, plan: Plan, work: Path):
         self.plan, self.work = plan, work
-        self.done: dict[str, dict] = {}
+        self.children = Children(__file__)
         self.models: dict[str, str] = {}
-        self.started = time.perf_counter()
 
     def run(self, spec: dict, label: str) -> dict:
-        key = json.dumps(spec, sort_keys=True)
-        if key not in self.done:
-            self.done[key] = self._spawn(spec, label)
-        return self.done[key]
-
-    def _spawn(self, spec: dict, label: str) -> dict:
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                              check=False, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
-        elapsed = time.perf_counter() - t0
-        print(f"[{time.perf_counter() - self.started:7.0f} s] {label}: {elapsed:.1f} s", file=sys.stderr, flush=True)
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-5:]
-            print("  failed: " + "\n  ".join(tail), file=sys.stderr)
-            return {"error": tail[-1] if tail else f"exit code {proc.returncode}"}
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return self.children.run(spec, label)
 
     def model(self, arch: str) -> str:
         """model.name for an architecture; the ViT checkpoints are written once per run."""
@@ -497,7 +420,7 @@ class Runner:
     def step(self, arch: str, algorithm: str, precision: str = "fp32", checkpointing: bool | None = None) -> dict:
         """A step measurement; `checkpointing` None is the runtime's default (auto)."""
         if checkpointing is not None:
-            auto = self.done.get(json.dumps(self._step_spec(arch, algorithm, precision, None), sort_keys=True))
+            auto = self.children.known(self._step_spec(arch, algorithm, precision, None))
             if auto and auto.get("checkpointing") == checkpointing:
                 return auto  # the default already chose this setting: the same measurement
         ckpt = {None: "ckpt auto", True: "ckpt on", False: "ckpt off"}[checkpointing]
@@ -708,226 +631,7 @@ def caching_targets(caching: dict | None) -> list[str]:
     return [f"target {speed}: " + "; ".join(speeds), f"target {exact}: " + "; ".join(same)]
 
 
-# ---------------------------------------------------------------------------------- report
-class Report:
-    """Tables printed with rich and kept as markdown."""
-
-    def __init__(self):
-        from rich.console import Console
-
-        self.console = Console(width=170)  # wide tables stay readable in a log file
-        self.md: list[str] = []
-
-    def heading(self, text: str) -> None:
-        self.console.rule(text, style="bold")
-        self.md += [f"## {text}", ""]
-
-    def text(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)
-        self.md += [text, ""]
-
-    def bullets(self, items: list[str]) -> None:
-        for item in items:
-            self.console.print(f"- {item}", markup=False, highlight=False)
-        self.md += [f"- {item}" for item in items] + [""]
-
-    def table(self, headers: list[str], rows: list[list]) -> None:
-        from rich.table import Table
-        from rich.text import Text
-
-        t = Table(*headers)
-        for row in rows:
-            t.add_row(*(Text(str(cell)) for cell in row))  # Text: a "[0, 1]" is data, not rich markup
-        self.console.print(t)
-        self.md += ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
-        self.md += ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""]
-
-
-def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def report_steps(rep: Report, steps: dict, plan: Plan) -> None:
-    rep.heading(f"1. Training step per method (batch {steps['batch']}, same batch)")
-    excluded = ", ".join(f"{k} ({v})" for k, v in steps["excluded"].items())
-    rep.text(f"Excluded: {excluded}. Runtime defaults: fp32, activation checkpointing auto (ckpt: what it chose "
-             f"at batch {steps['batch']}). ms/step: median of the timed steps after warm-up; spread: (slowest - "
-             "fastest) / median. Peak RSS of the measuring process; training +MiB: training's peak over the RSS "
-             "before the first step (the peak is reset after loading, via /proc/self/clear_refs).")
-    for arch, rows in steps["by_arch"].items():
-        a = plan.archs[arch]
-        rep.text(f"**{arch_label(a, plan)}** — {a.warmup} warm-up + {a.steps} timed steps")
-        table = []
-        for name, r in rows.items():
-            if "error" in r:
-                table.append([name, "", "failed: " + r["error"], "", "", "", "", "", "", ""])
-                continue
-            table.append([name, on_off(r["checkpointing"]), fmt(r["ms_per_step"]), fmt(100 * r["spread"], ".0f"),
-                          fmt(r["images_per_s"]),
-                          fmt(r["vs_fedavg"], ".2f"),
-                          fmt(r["process_peak_mib"], ".0f"), fmt(r["train_increment_mib"], ".0f"),
-                          f"{r['trainable_params']:,}", r.get("note", "")])
-        rep.table(["method", "ckpt", "ms/step", "spread %", "images/s", "vs fedavg", "peak RSS MiB", "training +MiB",
-                   "trainable", "note"], table)
-
-
-def on_off(flag: bool | None) -> str:
-    return {True: "on", False: "off"}.get(flag, "?")
-
-
-def arch_label(a: Arch, plan: Plan) -> str:
-    if a.patch is None:
-        return "small: built-in tiny CLIP (4 blocks, width 128, 32x32 images)"
-    text = f"{a.name}: random weights, vision {a.layers} layers x 768, 12 heads, MLP 3072, 224 px, patch {a.patch}"
-    return text + f"; text tower {a.text_layers} layers x 512 (OpenAI size), built-in tokenizer"
-
-
-def report_overhead(rep: Report, ov: dict) -> None:
-    rep.heading("2. Runner overhead (built-in default federation, in-process)")
-    if "error" in ov:
-        rep.text(f"failed: {ov['error']}")
-        return
-    rep.text(f"`{' '.join(ov['config'])}`; overhead = 1 - compute / wall, from rounds.csv")
-    rows = [[int(r["round"]), fmt(r["wall_seconds"], ".2f"), fmt(r["compute_seconds"], ".2f"),
-             fmt(100 * r["overhead_share"], ".1f")] for r in ov["rounds"]]
-    rows.append(["mean", "", "", fmt(100 * ov["mean_overhead_share"], ".1f")])
-    rep.table(["round", "wall s", "compute s", "overhead %"], rows)
-    if "profile" in ov:
-        p = ov["profile"]
-        rep.text(f"Breakdown (cProfile of the same rounds, {p['wall_s']:.1f} s wall, of which training steps "
-                 f"{p['train_steps_s']:.1f} s and evaluation forwards {p['eval_forward_s']:.1f} s; the rest, "
-                 f"{p['overhead_s']:.1f} s, is overhead). Items nest and overlap; {p['note']}.")
-        rep.table(["part of the runner", "s", "% of wall"],
-                  [[k, fmt(v, ".2f"), fmt(100 * v / p["wall_s"], ".1f")] for k, v in p["items_s"].items()])
-
-
-def report_flops(rep: Report, fl: dict) -> None:
-    rep.heading("3. Achieved FLOP/s, ViT-B/16 fedlrm step")
-    m, k, n = fl["matmul_shape"]
-    mm = fl["matmul"]
-    if "error" in mm:
-        rep.text(f"matmul failed: {mm['error']}")
-        return
-    rep.text(f"Plain `torch.matmul` of ({m}, {k}) x ({k}, {n}) (an MLP layer's shape at this batch): fp32 "
-             f"{mm['fp32']['flop_per_s'] / 1e9:.0f} GFLOP/s, bf16 {mm['bf16']['flop_per_s'] / 1e9:.0f} GFLOP/s. "
-             "Step FLOPs are counted by FlopCounterMode over one fp32 step, forward and backward (matmuls, "
-             "convolution, attention); bf16 autocast runs the same operations, so it is divided by the same "
-             "count. With checkpointing the count includes the recomputed forward; 'useful' divides the count "
-             "without recomputation (ckpt off) by the step time. Elementwise work is not counted.")
-    rows = []
-    for name, r in fl["settings"].items():
-        if "error" in r:
-            rows.append([name, "failed: " + r["error"], "", "", "", "", ""])
-            continue
-        model = fl["settings"].get(name.replace("ckpt on", "ckpt off"), {}).get("gflop_per_step")
-        useful = model / r["step_s"] if model else None
-        rows.append([name, fmt(r["gflop_per_step"], ".0f"), fmt(r["step_s"], ".2f"), fmt(r["gflop_per_s"], ".0f"),
-                     fmt(useful, ".0f"), fmt(r["matmul_gflop_per_s"], ".0f"),
-                     fmt(100 * r["fraction_of_matmul"], ".0f")])
-    rep.table(["setting", "GFLOP/step", "step s", "GFLOP/s", "useful GFLOP/s", "matmul GFLOP/s",
-               "% of matmul"], rows)
-
-
-def report_precision(rep: Report, pr: dict, batch: int) -> None:
-    rep.heading(f"4. fp32 vs bf16 autocast, activation checkpointing on/off (ViT-B/16, batch {batch})")
-    rows = []
-    for name, r in pr.items():
-        if "error" in r:
-            rows.append([name, "failed: " + r["error"], "", "", "", "", ""])
-            continue
-        base = pr.get(name.split(",")[0] + ", fp32, ckpt on", {}).get("median_step_s")
-        gib = r["process_peak_mib"] / 1024
-        rows.append([name, fmt(1000 * r["median_step_s"], ".0f"), fmt(batch / r["median_step_s"], ".2f"),
-                     fmt(r["median_step_s"] / base if base else None, ".2f"), fmt(gib, ".2f"),
-                     fmt(r["train_increment_mib"] / 1024, ".2f"), "yes" if gib <= TARGET_GIB else "no"])
-    rep.table(["method, precision, checkpointing", "ms/step", "images/s", "vs fp32 ckpt on", "peak GiB",
-               "training +GiB", f"<= {TARGET_GIB:g} GiB"], rows)
-    rep.text(auto_note(pr, "fp32, ckpt off"))
-
-
-def auto_note(results: dict, without: str) -> str:
-    """What auto checkpointing estimated and chose, against the increment measured without it."""
-    known = [r for r in results.values() if r.get("activation_estimate_mib") is not None]
-    if not known:
-        return "Auto checkpointing: no estimate available."
-    r = known[0]
-    measured = ", ".join(f"{name.split(',')[0]} {v['train_increment_mib'] / 1024:.2f} GiB"
-                         for name, v in results.items() if name.endswith(without) and "train_increment_mib" in v)
-    return (f"Auto checkpointing estimates {r['activation_estimate_mib'] / 1024:.2f} GiB of activations and "
-            f"chooses {on_off(r['auto_checkpointing'])}; measured training increment ({without}): {measured or '-'}.")
-
-
-def report_prefix(rep: Report, px: dict, plan: Plan) -> None:
-    rep.heading("5. Frozen-prefix caching (fedlrm, adapters on the top third of the blocks)")
-    sizes = "; ".join(f"{arch}: {n} images x {e} epochs" for arch, (n, e) in plan.prefix.items())
-    rep.text("Wall time of one client's `train_locally` (round 1, same seed, same random images), including "
-             "the one-off pass through the frozen blocks; a forward/backward warm-up before it in both processes. "
-             f"{sizes} (ViT-B/16 gets fewer images, to keep it to a few minutes).")
-    rows = []
-    for arch, c in px["caching"].items():
-        if "speedup" not in c:
-            rows.append([arch, str(c.get("target_layers")), "failed", "", "", "", "", "", "", "", ""])
-            continue
-        rows.append([arch, str(c["target_layers"]), f"{c['images']} x {c['epochs']}", fmt(c["on"]["wall_s"], ".2f"),
-                     fmt(c["off"]["wall_s"], ".2f"), fmt(c["speedup"], ".2f"), on_off(c["on"]["checkpointing"]),
-                     c["on"]["cached_from_block"],
-                     c["off"]["cached_from_block"], "yes" if c["weights_equal"] else f"no ({c['max_abs_diff']:.2g})",
-                     "yes" if c["loss_equal"] else "no"])
-    rep.table(["arch", "adapted blocks", "images x epochs", "cache on s", "cache off s", "speed-up",
-               "ckpt (auto, as run)", "cached from block (on)", "(off)", "weights identical", "loss identical"], rows)
-    rows = [[name, fmt(r["on_ms"]), fmt(r["off_ms"]), fmt(100 * r["cost"], "+.0f"), fmt(r["on_increment_mib"], ".0f"),
-             fmt(r["off_increment_mib"], ".0f")] for name, r in px["checkpointing_small"].items()]
-    rep.text(f"Activation checkpointing on the small model (batch {plan.batch}, every block adapted):")
-    rep.table(["method", "ckpt on ms", "ckpt off ms", "cost %", "training +MiB on", "training +MiB off"], rows)
-    auto = next((r for r in px["checkpointing_small"].values()), None)
-    if auto:
-        rep.text(f"Auto checkpointing estimates {auto['estimate_mib']:.0f} MiB of activations for the small model "
-                 f"and chooses {on_off(auto['auto'])}.")
-
-
-def write_report(results: dict, plan: Plan, out: Path) -> None:
-    rep = Report()
-    m, cpu = results["machine"], results["cpu_use"]
-    title = "Training cost on a CPU (benchmarks/cost.py" + (" --quick: smoke-test settings)" if plan.quick else ")")
-    rep.md += [f"# {title}", "", f"`{results['command']}`", ""]
-    rep.text(f"{m['cpu']}, {m['logical_cpus']} logical CPUs ({', '.join(m['isa'])}), torch {m['torch']} "
-             f"({m['cpu_capability']}), transformers {m['transformers']}, {m['threads']} torch threads; "
-             f"{results['started']}, {results['seconds'] / 60:.1f} min.")
-    rep.text(f"Other processes used {100 * cpu['others_share']:.0f} % of the machine's CPU during the run "
-             f"(load average {results['load_average']['before'][0]:.2f} before, "
-             f"{results['load_average']['after'][0]:.2f} after)"
-             + (": the timings are DISTURBED." if cpu["others_share"] > 0.05 else "."))
-    for rerun in results.get("reruns", []):
-        rep.text(f"Section `{rerun['section']}` was measured again by `{rerun['command']}` at {rerun['started']} "
-                 f"({rerun['seconds'] / 60:.1f} min; other processes used {100 * rerun['others_share']:.0f} % of the CPU"
-                 + (": DISTURBED)." if rerun["others_share"] > 0.05 else ")") + "; its figures below are from that run.")
-    rep.heading("Targets")
-    rep.bullets(results["targets"])
-    sections = {"steps": lambda r: report_steps(rep, r, plan), "overhead": lambda r: report_overhead(rep, r),
-                "flops": lambda r: report_flops(rep, r), "precision": lambda r: report_precision(rep, r, plan.batch),
-                "prefix": lambda r: report_prefix(rep, r, plan)}
-    for name, show in sections.items():
-        if name in results:
-            show(results[name])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text("\n".join(rep.md))
-    rep.console.print(f"written to {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-
-
 # ---------------------------------------------------------------------------------- main
-def cpu_busy_seconds() -> float:
-    """CPU seconds all processes on the machine have used (user, system, irq), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(r.ru_utime + r.ru_stime for r in own)
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (2-block ViTs, batch 8)")
@@ -949,7 +653,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     if args.child:
-        child_main(args.child)
+        child_main(args.child, CHILDREN)
         return
     plan = make_plan(args)
     plan.sections = [args.only] if args.only else list(SECTIONS)
@@ -962,29 +666,23 @@ def main() -> None:
         if not args.only or not out.with_suffix(".json").is_file():
             raise SystemExit(f"--merge needs --only and an earlier full run in {out.with_suffix('.json')}")
         merged = json.loads(out.with_suffix(".json").read_text())
-        start, busy0, own0 = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
-        with tempfile.TemporaryDirectory(prefix="fedlrm-cost-") as work:
+        with CpuWatch() as cpu, tempfile.TemporaryDirectory(prefix="fedlrm-cost-") as work:
             merged[args.only] = SECTION_FUNCS[args.only](Runner(plan, Path(work)))
-        seconds = time.perf_counter() - start
-        others = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
         merged.setdefault("reruns", []).append({"section": args.only, "command": command, "started": started,
-                                                "seconds": seconds, "others_share": others / (seconds * os.cpu_count())})
+                                                "seconds": cpu.seconds, "others_share": cpu.others_share})
         merged["targets"] = target_lines(merged)
-        write_report(merged, plan, out)
+        write_report(merged, plan, out, TARGET_GIB)
         return
-    results = {"command": command, "plan": asdict(plan), "machine": machine_info(plan.threads),
-               "started": started, "load_average": {"before": os.getloadavg()}}
-    start, busy0, own0 = time.perf_counter(), cpu_busy_seconds(), own_cpu_seconds()
-    with tempfile.TemporaryDirectory(prefix="fedlrm-cost-") as work:
+    results = {"command": command, "plan": asdict(plan), "machine": machine_info(plan.threads), "started": started}
+    with CpuWatch() as cpu, tempfile.TemporaryDirectory(prefix="fedlrm-cost-") as work:
         runner = Runner(plan, Path(work))
         for name in plan.sections:
             results[name] = SECTION_FUNCS[name](runner)
-    results["seconds"] = time.perf_counter() - start
-    others = max(0.0, (cpu_busy_seconds() - busy0) - (own_cpu_seconds() - own0))
-    results["cpu_use"] = {"others_cpu_s": others, "others_share": others / (results["seconds"] * os.cpu_count())}
-    results["load_average"]["after"] = os.getloadavg()
+    results["seconds"] = cpu.seconds
+    results["cpu_use"] = {"others_cpu_s": cpu.others_cpu_s, "others_share": cpu.others_share}
+    results["load_average"] = {"before": cpu.load_before, "after": cpu.load_after}
     results["targets"] = target_lines(results)
-    write_report(results, plan, out)
+    write_report(results, plan, out, TARGET_GIB)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlrm.config import load_config
+from fedlrm.algorithms import load_config
 from fedlrm.experiment import run_experiment
-from fedlrm.federation.flower.deploy import LocalDeployment
+from fedlrm.tools.deployment import LocalDeployment
 
 APP = Path(__file__).resolve().parents[1] / "flower-app"
 RESULTS = Path(__file__).resolve().parent / "results"

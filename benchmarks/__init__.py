@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure (run them as `python benchmarks/NAME.py`); not part of the package."""
