@@ -20,7 +20,8 @@ import pytest
 pytestmark = pytest.mark.flower
 
 from fedlrm.tools.certs import generate_supernode_keys
-from fedlrm.tools.deployment import LocalDeployment, find_free_port, pid_alive
+from fedlrm.tools.deployment import LocalDeployment, find_free_port
+from fedlrm.tools.processes import pid_alive
 
 HELLO = Path(__file__).resolve().parent / "flower_hello"
 

@@ -133,13 +133,13 @@ class FedPIA(Algorithm):
         return ServerState(weights, TransportCosts())
 
     def aggregate(self, state: ServerState, uploads, server_round: int) -> ServerState:
-        server_state = state.weights
-        weights = dict(server_state)
+        previous = state.weights
+        weights = dict(previous)
         costs = []
         for layer in self.layers(uploads[0].state):
             zs = [components(u.state[f"{layer}{GLOBAL}A"], u.state[f"{layer}{GLOBAL}B"]) for u in uploads]
-            if f"{layer}{GLOBAL}A" in server_state:
-                start = components(server_state[f"{layer}{GLOBAL}A"], server_state[f"{layer}{GLOBAL}B"])
+            if f"{layer}{GLOBAL}A" in previous:  # the last round's barycenter
+                start = components(previous[f"{layer}{GLOBAL}A"], previous[f"{layer}{GLOBAL}B"])
             else:  # first round: the client with most samples (lowest id on a tie) is the reference
                 start = zs[max(range(len(uploads)), key=lambda i: (uploads[i].num_examples, -uploads[i].client_id))]
             p = self.settings

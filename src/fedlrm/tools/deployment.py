@@ -74,19 +74,19 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedlrm.tools.certs import AuthKeyPaths, TlsPaths, generate_supernode_keys, generate_tls_certs
+from fedlrm.tools.processes import descendants, environ_has, kill_group, pid_alive, proc_table, signal_pids
 
 __all__ = [
     "DeploymentError",
     "LocalDeployment",
     "RunResult",
     "find_free_port",
-    "pid_alive",
     "toml_value",
 ]
 
@@ -193,59 +193,6 @@ def _bin(name: str) -> str:
     return found
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, pgid, state) for all processes (Linux /proc)."""
-    table: dict[int, tuple[int, int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read().decode(errors="replace")
-            rest = data[data.rindex(")") + 2 :].split()
-            table[int(entry)] = (int(rest[1]), int(rest[2]), rest[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return table
-
-
-def _environ_has(pid: int, needle: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return needle in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
-        return data[data.rindex(")") + 2 :].split()[0] not in ("Z", "X")
-    except (OSError, ValueError, IndexError):
-        return True  # no /proc: trust kill(0)
-
-
-def _descendants(root: int, table: dict[int, tuple[int, int, str]]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, stack = set(), [root]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in out:
-                out.add(c)
-                stack.append(c)
-    return out
-
-
 # ----------------------------------------------------------------------------- main class
 class LocalDeployment:
     """A local SuperLink + N SuperNodes, started as subprocesses; a context manager.
@@ -256,21 +203,14 @@ class LocalDeployment:
     num_supernodes : number of SuperNodes.
     node_configs : one dict per SuperNode (``--node-config``); default
         ``{"partition-id": i, "num-partitions": num_supernodes}``.
-    tls : serve the SuperLink over HTTPS (certs from ``tls_paths`` or generated).
+    tls : serve the SuperLink over HTTPS (a test CA and server certificate are generated).
     auth : SuperNode authentication (requires ``tls``): keys are generated per node and
         registered with ``flwr supernode register`` before each SuperNode starts.
-    extra_env : extra environment for all processes (SuperLink, SuperNodes, CLI).
-    database : True -> ``<work_dir>/superlink/state.db`` (state survives a SuperLink
-        restart), False -> in-memory, or a path. ``fresh_database`` (default True)
-        deletes an existing database file in :meth:`start` (not on SuperLink restarts).
     superexec_poll_interval : sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (s, default 1.0
         in Flower) - how often SuperExec asks for new ServerApp/ClientApp tasks.
-    extra_superlink_args, extra_supernode_args : appended to the respective commands.
-    startup_timeout : seconds to wait for the SuperLink health check / a SuperNode id.
-    cli_timeout : seconds for one ``flwr`` CLI call.
-    kill_grace : seconds between SIGTERM and SIGKILL in :meth:`close`.
-    rejoin_timeout, rejoin_retry_s : with auth, how long/how often to retry starting a
-        SuperNode whose node id is still "online" at the SuperLink after a crash.
+
+    The SuperLink keeps its state in ``<work_dir>/superlink/state.db``, made afresh by
+    :meth:`start`. The class attributes below are the waits.
 
     Attributes: ``port`` (SuperLink HTTP port), ``address``, ``node_ids`` (per SuperNode,
     from its log or ``flwr supernode register``), ``node_ports`` (Runtime API ports),
@@ -278,6 +218,13 @@ class LocalDeployment:
     ``spawned_pids()`` (every live process incl. SuperExec/ServerApp/ClientApp),
     ``timings``, ``tls_paths``, ``auth_keys``, ``log_dir`` (``<name>.log`` per component).
     """
+
+    startup_timeout = 60.0  # s to wait for the SuperLink's health check or a SuperNode's id
+    cli_timeout = 120.0  # s for one `flwr` CLI call
+    kill_grace = 5.0  # s between SIGTERM and SIGKILL in `close`
+    # with auth: how long and how often to retry starting a SuperNode whose node id is still
+    # "online" at the SuperLink after a crash
+    rejoin_timeout, rejoin_retry_s = 120.0, 3.0
 
     def __init__(
         self,
@@ -287,18 +234,7 @@ class LocalDeployment:
         *,
         tls: bool = False,
         auth: bool = False,
-        tls_paths: TlsPaths | None = None,
-        extra_env: Mapping[str, str] | None = None,
-        database: bool | str | os.PathLike[str] = True,
         superexec_poll_interval: float | None = None,
-        extra_superlink_args: Sequence[str] = (),
-        extra_supernode_args: Sequence[str] = (),
-        startup_timeout: float = 60.0,
-        cli_timeout: float = 120.0,
-        kill_grace: float = 5.0,
-        rejoin_timeout: float = 120.0,
-        rejoin_retry_s: float = 3.0,
-        fresh_database: bool = True,
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication requires tls=True in Flower 1.41")
@@ -315,24 +251,11 @@ class LocalDeployment:
         self.node_configs = [dict(c) for c in node_configs]
         self.tls = tls
         self.auth = auth
-        self.tls_paths = tls_paths
-        self.extra_env = dict(extra_env or {})
+        self.tls_paths: TlsPaths | None = None
+        self.extra_env: dict[str, str] = {}
         if superexec_poll_interval is not None:
             self.extra_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_interval)
-        if database is True:
-            self.database: str | None = str(self.work_dir / "superlink" / "state.db")
-        elif database is False or database is None:
-            self.database = None
-        else:
-            self.database = str(Path(database).resolve())
-        self.extra_superlink_args = list(extra_superlink_args)
-        self.extra_supernode_args = list(extra_supernode_args)
-        self.startup_timeout = startup_timeout
-        self.cli_timeout = cli_timeout
-        self.kill_grace = kill_grace
-        self.rejoin_timeout = rejoin_timeout
-        self.rejoin_retry_s = rejoin_retry_s
-        self.fresh_database = fresh_database
+        self.database = str(self.work_dir / "superlink" / "state.db")
 
         self.deploy_id = uuid.uuid4().hex[:12]
         self.port: int | None = None  # SuperLink HTTP port (Fleet + Control + Runtime)
@@ -373,13 +296,13 @@ class LocalDeployment:
     def spawned_pids(self) -> list[int]:
         """All live processes of this deployment: main pids, descendants, tagged ones."""
         self.poll()
-        table = _proc_table()
+        table = proc_table()
         needle = f"{TAG_DEPLOY}={self.deploy_id}".encode()
-        out = {pid for pid in table if _environ_has(pid, needle)}
+        out = {pid for pid in table if environ_has(pid, needle)}
         for pid in (p.popen.pid for p in self._procs.values()):
             if pid in table:
                 out.add(pid)
-                out |= _descendants(pid, table)
+                out |= descendants(pid, table)
         return sorted(p for p in out if pid_alive(p))
 
     # ------------------------------------------------------------------ env / cli
@@ -434,7 +357,7 @@ class LocalDeployment:
         try:
             out, err = proc.communicate(timeout=timeout or self.cli_timeout)
         except subprocess.TimeoutExpired:
-            self._kill_group(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid, signal.SIGKILL)
             proc.wait()
             raise DeploymentError(f"`flwr {' '.join(args)}` timed out") from None
         res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -474,9 +397,8 @@ class LocalDeployment:
             self._atexit_registered = True
         t0 = time.monotonic()
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.database and self.fresh_database:
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(self.database + suffix).unlink(missing_ok=True)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(self.database + suffix).unlink(missing_ok=True)
         if self.tls and self.tls_paths is None:
             self.tls_paths = generate_tls_certs(self.work_dir / "certs")
         self.start_superlink()
@@ -559,10 +481,8 @@ class LocalDeployment:
             cmd.append("--insecure")
         if self.auth:
             cmd.append("--enable-supernode-auth")
-        if self.database:
-            Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-            cmd += ["--database", self.database]
-        return cmd + ["--disable-runtime-dependency-installation", *self.extra_superlink_args]
+        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        return cmd + ["--database", self.database, "--disable-runtime-dependency-installation"]
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.tls:
@@ -641,7 +561,7 @@ class LocalDeployment:
             keys = self.auth_keys[i]
             assert keys is not None
             cmd += ["--auth-supernode-private-key", str(keys.private_key)]
-        return cmd + self.extra_supernode_args
+        return cmd
 
     def _wait_supernode(self, i: int) -> int:
         """Wait until SuperNode ``i`` logged its node id (it is registered + active).
@@ -691,7 +611,7 @@ class LocalDeployment:
 
     def signal_supernode(self, i: int, sig: int) -> None:
         """Send ``sig`` to SuperNode ``i`` and everything it started (SIGSTOP: a client that hangs)."""
-        self._signal_pids(self._component_pids(f"supernode-{i}"), sig)
+        signal_pids(self._component_pids(f"supernode-{i}"), sig)
 
     def kill_serverapp(self, sig: int = signal.SIGKILL) -> list[int]:
         """Kill the running job's ServerApp process(es): the server dies mid-run. Returns their pids."""
@@ -703,7 +623,7 @@ class LocalDeployment:
                 continue
             if b"flwr-serverapp" in cmdline:
                 victims.append(pid)
-        self._signal_pids(victims, sig)
+        signal_pids(victims, sig)
         return victims
 
     def restart_supernode(self, i: int, sig: int = signal.SIGKILL) -> int:
@@ -847,49 +767,28 @@ class LocalDeployment:
         )
 
     # ------------------------------------------------------------------ killing
-    @staticmethod
-    def _kill_group(pgid: int, sig: int) -> None:
-        if pgid <= 1 or pgid == os.getpgrp():
-            return
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def _component_pids(self, name: str | None) -> set[int]:
         """Live pids belonging to component ``name`` (None = whole deployment)."""
-        table = _proc_table()
+        table = proc_table()
         needle = (
             f"{TAG_COMPONENT}={name}".encode() if name else f"{TAG_DEPLOY}={self.deploy_id}".encode()
         )
         deploy_needle = f"{TAG_DEPLOY}={self.deploy_id}".encode()
         pids = {
             pid for pid in table
-            if _environ_has(pid, needle) and (name is None or _environ_has(pid, deploy_needle))
+            if environ_has(pid, needle) and (name is None or environ_has(pid, deploy_needle))
         }
         mains = [p.popen.pid for n, p in self._procs.items() if name is None or n == name]
         for pid in mains:
             if pid in table:
                 pids.add(pid)
-                pids |= _descendants(pid, table)
+                pids |= descendants(pid, table)
         pids.discard(os.getpid())
         return {p for p in pids if pid_alive(p)}
 
-    def _signal_pids(self, pids: Iterable[int], sig: int) -> None:
-        table = _proc_table()
-        own = os.getpgrp()
-        for pgid in {table[p][1] for p in pids if p in table}:
-            if pgid != own and pgid in pids:  # only groups led by our processes
-                self._kill_group(pgid, sig)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
     def _stop_component(self, name: str | None, sig: int) -> None:
         pids = self._component_pids(name)
-        self._signal_pids(pids, sig)
+        signal_pids(pids, sig)
         deadline = time.monotonic() + (self.kill_grace if sig != signal.SIGKILL else 5.0)
         while True:
             self._reap(name)
@@ -897,7 +796,7 @@ class LocalDeployment:
             if not pids:
                 break
             if time.monotonic() >= deadline:
-                self._signal_pids(pids, signal.SIGKILL)
+                signal_pids(pids, signal.SIGKILL)
                 deadline = time.monotonic() + 5.0
                 sig = signal.SIGKILL
             time.sleep(0.05)
