@@ -142,6 +142,9 @@ def test_a_killed_server_resumes_from_its_checkpoint_to_the_uninterrupted_result
         wait_until(lambda: (run_dir / "checkpoint" / "state.json").is_file(), 600, "the first checkpoint")
         started += dep.spawned_pids()
         assert dep.kill_serverapp(), "no ServerApp process found"
+        # Flower would mark the orphaned run failed after two missed 30-s heartbeats; the
+        # operator's `flwr stop` ends it at once
+        dep.stop_run(run_id)
         killed = dep.wait(run_id, timeout=120)
         assert str(killed["status"]).startswith("finished") and not str(killed["status"]).endswith("completed")
         done = json.loads((run_dir / "checkpoint" / "state.json").read_text())["round"]
