@@ -191,7 +191,9 @@ class SharedConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
-SHARED_SECTIONS = tuple(f.name for f in fields(SharedConfig) if f.name not in ("algorithm", "seed", "output_dir", "name"))
+#: every key at the top of a run config that is not a method's section
+SHARED_KEYS = tuple(f.name for f in fields(SharedConfig))
+SHARED_SECTIONS = tuple(k for k in SHARED_KEYS if k not in ("algorithm", "seed", "output_dir", "name"))
 
 
 @dataclass
@@ -257,7 +259,7 @@ def from_mapping(data: Mapping, sections: Mapping[str, type]) -> RunConfig:
 
 
 def _schema(sections: Mapping[str, type]) -> type:
-    clash = [name for name in sections if name in {f.name for f in fields(SharedConfig)}]
+    clash = [name for name in sections if name in SHARED_KEYS]
     if clash:
         raise ConfigError(f"method section(s) {', '.join(clash)} would hide shared keys of the same name")
     return make_dataclass("RunSchema", [(name, cls, field(default_factory=cls)) for name, cls in sections.items()],
@@ -265,7 +267,7 @@ def _schema(sections: Mapping[str, type]) -> type:
 
 
 def _resolved(loaded: Any, sections: Mapping[str, type]) -> RunConfig:
-    shared = {f.name: getattr(loaded, f.name) for f in fields(SharedConfig)}
+    shared = {k: getattr(loaded, k) for k in SHARED_KEYS}
     return RunConfig(**shared, methods={name: getattr(loaded, name) for name in sections})
 
 
@@ -280,7 +282,7 @@ def _explain(err: OmegaConfBaseException, key: str, sections: Mapping[str, type]
         if "." in key and isinstance(owner, type):
             valid = ", ".join(f.name for f in fields(owner)) or "(none: this method has no settings)"
             return f"unknown config key {key!r}; the keys of {section} are: {valid}"
-        top = [f.name for f in fields(SharedConfig) if f.name not in SHARED_SECTIONS]
+        top = [k for k in SHARED_KEYS if k not in SHARED_SECTIONS]
         return (f"unknown config key {key!r}; valid keys are {', '.join(top)}, the sections "
                 f"{', '.join(s + '.*' for s in SHARED_SECTIONS)} and each algorithm's own: "
                 f"{', '.join(s + '.*' for s in sections)} (`fedlrm config algorithm=NAME` lists them)")
@@ -289,7 +291,7 @@ def _explain(err: OmegaConfBaseException, key: str, sections: Mapping[str, type]
 
 def to_dict(cfg: RunConfig) -> dict:
     """The shared keys and the running algorithm's own section (as `fedlrm config` shows it)."""
-    shared = {f.name: getattr(cfg, f.name) for f in fields(SharedConfig)}
+    shared = {k: getattr(cfg, k) for k in SHARED_KEYS}
     out = OmegaConf.to_container(OmegaConf.structured(SharedConfig(**shared)))
     own = asdict(cfg.method)
     if own:

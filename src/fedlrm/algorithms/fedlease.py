@@ -88,7 +88,7 @@ class FedLEASE(Algorithm):
 
     # ----- messages and client side -----------------------------------------------------
     def message_for(self, state: ServerState, client_id: int, server_round: int) -> State:
-        message = dict(state.weights)
+        message = super().message_for(state, client_id, server_round)
         if state.record.assignment is not None:
             message[CLUSTER] = state.record.assignment[client_id].clone()
         return message

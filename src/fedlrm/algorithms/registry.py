@@ -26,7 +26,7 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name.isidentifier():
         raise TypeError(f"{cls.__name__}.name must be an identifier (it names the config section), got {name!r}")
-    if name in {f.name for f in dataclasses.fields(shared.SharedConfig)}:
+    if name in shared.SHARED_KEYS:
         raise TypeError(f"algorithm name {name!r} is taken by a shared config key")
     if not dataclasses.is_dataclass(cls.Settings):
         raise TypeError(f"{cls.__name__}.Settings must be a dataclass")
