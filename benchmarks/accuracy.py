@@ -4,7 +4,7 @@ The paper's grid (10 clients, shard split, 1/4/16 shots, seeds 0-2) for every al
 `fedlrm.algorithms.ALGORITHMS`, plus FedLRM's global-rank sweep (the paper's Figure 5) and the
 effect of bf16 autocast. By default it runs on the CPU with the built-in tiny CLIP and fewer
 rounds (5 rounds x 2 local epochs instead of 20 x 10; see PROFILES); `--paper` runs the paper's own setting (ViT-B/16, 20 rounds x 10
-epochs) from configs/paper/*.yaml, for a machine with a GPU and the OpenAI weights.
+epochs) from the shipped configs paper/*, for a machine with a GPU and the OpenAI weights.
 
 Every finished run appends a row to <out>/runs.csv at once; a restart skips the runs already
 there, so an interrupted grid is continued by starting the same command again. A run that
@@ -64,14 +64,14 @@ DATASETS = {
         "title": "CIFAR-10", "files": ("cifar10-train.parquet", "cifar10-test.parquet"), "classes": 10,
         "always": [],
         "cpu": ["data.test_per_client=200", "data.global_test_size=1000"],
-        "paper_config": "configs/paper/cifar10.yaml",
+        "paper_config": "paper/cifar10",
     },
     "caltech101": {
         "title": "Caltech101", "files": ("caltech101-train.parquet", "caltech101-test.parquet"), "classes": 100,
         # CoOp-style: the 100 object classes, without the background and the duplicate face folder.
         "always": ["data.exclude_classes=[BACKGROUND_Google,Faces_easy]"],
         "cpu": ["data.test_per_client=null", "data.global_test_size=1000"],
-        "paper_config": "configs/paper/caltech101.yaml",
+        "paper_config": "paper/caltech101",
     },
 }
 BF16_METHODS = ("fedlrm", "fedavg")
@@ -86,7 +86,7 @@ PROFILES = {
               "algorithms": "zeroshot,local,fedavg,fedlrm,fedlease",
               "rounds": 1, "local_epochs": 1, "warmup_rounds": 1, "threads": 1, "workers": 2,
               "ranks": "4,16", "rank_cells": "caltech101:1", "bf16_cells": "cifar10:1,caltech101:1"},
-    # None: keep the value of configs/paper/<dataset>.yaml (20 rounds x 10 epochs, fedlease default).
+    # None: keep the value of the shipped config paper/<dataset> (20 rounds x 10 epochs, fedlease default).
     "paper": {"datasets": "cifar10,caltech101", "shots": "1,4,16", "seeds": "0,1,2", "algorithms": None,
               "rounds": None, "local_epochs": None, "warmup_rounds": None, "threads": None, "workers": 1,
               "ranks": "1,2,4,8,16,32", "rank_cells": "caltech101:1", "bf16_cells": "cifar10:16,caltech101:4"},
@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true",
                       help="smoke test: seed 0, 1-shot, 1 round x 1 epoch, 5 algorithms, into /tmp")
     mode.add_argument("--paper", action="store_true",
-                      help="the paper's setting from configs/paper/*.yaml (ViT-B/16, 20 rounds x 10 epochs); "
+                      help="the paper's setting from the shipped configs paper/* (ViT-B/16, 20 rounds x 10 epochs); "
                            "needs the OpenAI weights and, realistically, a GPU")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report and plots from runs.csv")
     p.add_argument("--dry-run", action="store_true", help="print the runs still to do and a time estimate")
@@ -221,7 +221,7 @@ def reduction_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def config_path(args: argparse.Namespace, dataset: str) -> str | None:
-    return str(REPO / DATASETS[dataset]["paper_config"]) if args.paper else None
+    return DATASETS[dataset]["paper_config"] if args.paper else None  # a shipped config, by name
 
 
 def plan(args: argparse.Namespace) -> list[Group]:
@@ -688,7 +688,7 @@ def findings(res: Results, args: argparse.Namespace, order: list[str], failures:
 def setting_text(args: argparse.Namespace, settings: dict, meta: dict) -> list[str]:
     rounds, epochs = settings["rounds"], settings["local_epochs"]
     if args.paper:
-        return [(f"The paper's setting from `configs/paper/*.yaml`: model `{settings['model']}`, {rounds} rounds x "
+        return [(f"The paper's setting from `the shipped configs paper/*`: model `{settings['model']}`, {rounds} rounds x "
                 f"{epochs} local epochs, 10 clients, shard split; Caltech101 without `BACKGROUND_Google` and "
                 f"`Faces_easy` (CoOp-style, 100 classes).")]
     seeds = ", ".join(map(str, args.seeds))
@@ -737,8 +737,8 @@ def commands_text(args: argparse.Namespace, meta: dict) -> list[str]:
               "and the OpenAI weights (hub access, or a local copy given as `model.name=/path/to/clip-vit-base-patch16`), "
               "the whole grid with this script, or one (shots, seed) cell per `fedlrm compare`:"), "", "```",
               "python benchmarks/accuracy.py --paper",
-              f"fedlrm compare --config configs/paper/cifar10.yaml --algorithms {algorithms} data.shots=1 seed=0",
-              f"fedlrm compare --config configs/paper/caltech101.yaml --algorithms {algorithms} data.shots=4 seed=0 {caltech}",
+              f"FEDLRM_DATASETS=../shared/datasets fedlrm compare --config paper/cifar10 --algorithms {algorithms} data.shots=1 seed=0",
+              f"FEDLRM_DATASETS=../shared/datasets fedlrm compare --config paper/caltech101 --algorithms {algorithms} data.shots=4 seed=0 {caltech}",
               "```", "",
               "Both are run from the repository root (the YAML files name the data as `../shared/datasets/...`)."]
     return lines

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from fedlrm.algorithms import ALGORITHMS, load_config
 from fedlrm.experiment import run_experiment
+from fedlrm.federation.flower import app_source
 from fedlrm.tools.deployment import LocalDeployment
 
-APP = Path(__file__).resolve().parents[1] / "flower-app"
+APP = app_source()  # the Flower app folder shipped in the package
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = ["data.num_clients=3", "train.rounds=2", "train.local_epochs=1", "fedlease.warmup_rounds=1"]
 

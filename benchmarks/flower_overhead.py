@@ -20,9 +20,10 @@ from pathlib import Path
 
 from fedlrm.algorithms import load_config
 from fedlrm.experiment import run_experiment
+from fedlrm.federation.flower import app_source
 from fedlrm.tools.deployment import LocalDeployment
 
-APP = Path(__file__).resolve().parents[1] / "flower-app"
+APP = app_source()  # the Flower app folder shipped in the package
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

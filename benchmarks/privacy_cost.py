@@ -21,9 +21,10 @@ from pathlib import Path
 
 from fedlrm.algorithms import load_config
 from fedlrm.experiment import run_experiment
+from fedlrm.federation.flower import app_source
 from fedlrm.tools.deployment import LocalDeployment
 
-APP = Path(__file__).resolve().parents[1] / "flower-app"
+APP = app_source()  # the Flower app folder shipped in the package
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = ["algorithm=fedavg", "data.num_clients=3", "train.rounds=3", "train.local_epochs=2"]
 VARIANTS = {"plain": [], "dp": ["privacy.clip=0.1", "privacy.noise_multiplier=1.0"],

@@ -16,10 +16,11 @@ import pytest
 
 from fedlrm.algorithms import load_config
 from fedlrm.experiment import run_experiment
+from fedlrm.federation.flower import app_source
 from fedlrm.tools.deployment import LocalDeployment, pid_alive
 
 pytestmark = pytest.mark.flower
-APP = Path(__file__).resolve().parents[1] / "flower-app"
+APP = app_source()  # the Flower app folder shipped in the package
 NODES = 3
 
 

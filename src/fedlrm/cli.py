@@ -1,4 +1,4 @@
-"""The `fedlrm` command: run, compare, flower, params, pretrain, config."""
+"""The `fedlrm` command: run, compare, flower, params, pretrain, config, configs, flower-app."""
 
 from __future__ import annotations
 
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved configuration")
     _config_args(show)
     show.set_defaults(func=cmd_config)
+
+    listed = sub.add_parser("configs", help="list the configurations shipped with fedlrm (for --config NAME)")
+    listed.set_defaults(func=cmd_configs)
+
+    app = sub.add_parser("flower-app", help="write the Flower app folder, for `flwr run FOLDER <superlink>`")
+    app.add_argument("folder", help="where to write it (created)")
+    app.add_argument("--force", action="store_true", help="replace a pyproject.toml already there")
+    app.set_defaults(func=cmd_flower_app)
     return parser
 
 
@@ -115,22 +123,23 @@ def cmd_flower(args) -> int:
     from pathlib import Path
 
     from fedlrm.algorithms import load_config
-    from fedlrm.config import to_yaml
+    from fedlrm.config import absolute_paths, to_yaml
     from fedlrm.reporting import print_table
     from fedlrm.tools.deployment import LocalDeployment
 
-    cfg = load_config(args.config, args.overrides)  # fail here, before any process starts
+    from fedlrm.federation.flower import app_source, write_app
+
+    # fail here, before any folder or process exists
+    cfg = absolute_paths(load_config(args.config, args.overrides))  # the SuperLink's app reads it from elsewhere
+    app_source()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedlrm-flower-")).resolve()
     config_file = work / "fedlrm.yaml"
     work.mkdir(parents=True, exist_ok=True)
-
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     config_file.write_text(to_yaml(cfg))
     n = cfg.data.num_clients
     nodes = [{"partition-id": i, "num-partitions": n, "state-dir": str(work / f"client{i}")} for i in range(n)]
-    app = Path(__file__).resolve().parents[2] / "flower-app"
-    if not (app / "pyproject.toml").is_file():
-        raise FedLRMError(f"the Flower app folder {app} is missing; run from a fedlrm source checkout")
+    # flwr builds the app from a folder; a copy keeps the installed package read-only
+    app = write_app(work / "app", overwrite=True)
     start = time.perf_counter()
     print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'deployment' / 'logs'})", flush=True)
     with LocalDeployment(work / "deployment", n, nodes, tls=args.tls or args.auth, auth=args.auth) as dep:
@@ -156,6 +165,30 @@ def cmd_params(args) -> int:
     title = (f"synthetic: {args.layers} layers, one {args.dim}x{args.dim} matrix each"
              if args.layers else f"{cfg.model.backend}:{cfg.model.name}, targets {cfg.model.target_modules}")
     print_counts(rows, title)
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from fedlrm.config import packaged_configs
+    from fedlrm.reporting import wide_console
+    from rich.table import Table
+
+    table = Table(title="configurations shipped with fedlrm: fedlrm run --config NAME [key=value ...]")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is")
+    for name, path in packaged_configs().items():
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        table.add_row(name, first.split(": ")[0])  # its heading comment, to the first colon
+    wide_console().print(table)
+    return 0
+
+
+def cmd_flower_app(args) -> int:
+    from fedlrm.federation.flower import write_app
+
+    folder = write_app(args.folder, overwrite=args.force)
+    print(f"wrote the Flower app to {folder}; run it with `flwr run {folder} <superlink-connection>` "
+          f"(its run config keys are in {folder / 'pyproject.toml'})")
     return 0
 
 

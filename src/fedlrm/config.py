@@ -12,13 +12,14 @@ an error that names the key and the valid ones, not a silently ignored typo.
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedlrm.errors import ConfigError
@@ -227,13 +228,12 @@ def load(path: str | Path | None, overrides: list[str] | None, sections: Mapping
     schema = _schema(sections)
     sources: list[tuple[str, Any]] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = find_config(path)
         try:
-            sources.append((str(path), OmegaConf.load(path)))
+            node = OmegaConf.load(path)
         except Exception as err:  # yaml errors come in many types
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        sources.append((str(path), _relative_to(node, path.parent)))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.rounds=5)")
@@ -245,7 +245,93 @@ def load(path: str | Path | None, overrides: list[str] | None, sections: Mapping
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or ""
             raise ConfigError(f"{origin}: {_explain(err, key, sections, moved or {})}") from None
-    return _resolved(OmegaConf.to_object(cfg), sections)
+    try:
+        resolved = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # e.g. ${oc.env:FEDLRM_DATASETS} with the variable unset
+        key = getattr(err, "full_key", None) or ""
+        text = str(err).splitlines()[0]
+        missing = re.search(r"Environment variable '([^']+)' not found", text)
+        if missing:
+            text = f"the environment variable {missing[1]} it is built from is not set"
+        raise ConfigError(f"{key}: {text}; set it (e.g. {missing[1] if missing else 'VAR'}=/path/to/folder "
+                          f"fedlrm ...) or give {key}=... as an override") from None
+    return _resolved(resolved, sections)
+
+
+#: the configurations that ship with fedlrm, found by name (`--config paper/cifar10`)
+PACKAGED_CONFIGS = Path(str(resources.files("fedlrm") / "configs"))
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Name (e.g. `paper/cifar10`) -> file of every configuration shipped with the package."""
+    return {p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix(): p
+            for p in sorted(PACKAGED_CONFIGS.rglob("*.yaml"))}
+
+
+def find_config(path_or_name: str | Path) -> Path:
+    """A config file: an existing path, else a shipped configuration of that name."""
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        return path
+    shipped = packaged_configs()
+    name = str(path_or_name).removesuffix(".yaml").removesuffix(".yml")
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"config file {path_or_name} does not exist, and no configuration shipped with fedlrm "
+                      f"has that name (those are: {', '.join(shipped) or 'none'}; `fedlrm configs` lists them)")
+
+
+#: keys whose values are local paths when they are relative paths in a config file
+_PATH_KEYS = ("output_dir", "data.root", "data.train", "data.test", "model.name", "model.pretrained")
+
+
+def _relative_to(node: Any, folder: Path) -> Any:
+    """The file's relative paths, resolved against the file's folder (as a reader of the
+    file expects), so a config means the same whatever the working directory."""
+    raw = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else {}
+
+    def raw_value(dotted: str, default: Any = None) -> Any:
+        section, _, key = dotted.rpartition(".")
+        owner = raw.get(section, {}) if section else raw
+        return owner.get(key, default) if isinstance(owner, dict) else default
+
+    for dotted in _PATH_KEYS:
+        value = raw_value(dotted)  # as written: an interpolation is the user's (e.g. a cwd-relative variable)
+        if not isinstance(value, str) or not value or "${" in value or value.startswith(("~", "builtin:")):
+            continue
+        if Path(value).is_absolute():
+            continue
+        section = dotted.partition(".")[0]
+        source = raw_value("data.source", "builtin")
+        if dotted in ("data.train", "data.test") and source not in ("parquet", "imagefolder"):
+            continue  # a hub id or split name, not a path
+        if section == "model" and not (value.startswith(".") or (folder / value).exists()):
+            continue  # a hub id or an open_clip tag
+        OmegaConf.update(node, dotted, str((folder / value).resolve()), merge=False)
+    return node
+
+
+def absolute_paths(cfg: "RunConfig") -> "RunConfig":
+    """A copy whose local paths are absolute (resolved against the working directory), for a
+    config written where another folder or process reads it (a run directory, a Flower run)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for dotted in _PATH_KEYS:
+        section, _, key = dotted.rpartition(".")
+        owner = get(out, section) if section else out
+        value = getattr(owner, key)
+        if not isinstance(value, str) or not value or value.startswith("builtin:"):
+            continue
+        path = Path(value).expanduser()
+        if dotted in ("data.train", "data.test") and out.data.source not in ("parquet", "imagefolder"):
+            continue
+        if section == "model" and not (value.startswith((".", "~", "/")) or path.exists()):
+            continue
+        if value.startswith("~") and dotted == "data.root":
+            continue  # a cache folder in the home of whoever runs it
+        setattr(owner, key, str(path.resolve()))
+    return out
 
 
 def from_mapping(data: Mapping, sections: Mapping[str, type]) -> RunConfig:

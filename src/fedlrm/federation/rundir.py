@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from fedlrm.config import RunConfig, to_yaml
+from fedlrm.config import RunConfig, absolute_paths, to_yaml
 from fedlrm.errors import FedLRMError
 
 
@@ -21,4 +21,6 @@ def new_run_dir(cfg: RunConfig, suffix: str = "") -> Path:
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    # Local paths absolute: the file is read again from the run directory (resume), where a
+    # relative path would resolve against that folder, not where the run was started.
+    (run_dir / "config.yaml").write_text(to_yaml(absolute_paths(cfg)))
