@@ -46,7 +46,7 @@ def test_run_directory_contents_and_personalized_export(tiny_overrides):
                             sim.cfg.train.rounds)
     x = sim.data.clients[1].test.batches(4).__next__()[0]
     torch.testing.assert_close(exported(x), sim_model(x))
-    meta = json.loads((d / "adapters" / "client_01" / "adapter_config.json").read_text())
+    meta = json.loads((d / "adapters" / "client_01" / "fedlrm.json").read_text())
     assert meta["config"]["algorithm"] == "fedlrm" and meta["config"]["fedlrm"]["local_rank"] == 2
 
 

@@ -1,4 +1,5 @@
-"""The `fedlrm` command: run, compare, flower, params, pretrain, config, configs, flower-app."""
+"""The `fedlrm` command: run, compare, flower, params, pretrain, config, configs, flower-app,
+predict, evaluate, export."""
 
 from __future__ import annotations
 
@@ -77,7 +78,47 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("folder", help="where to write it (created)")
     app.add_argument("--force", action="store_true", help="replace a pyproject.toml already there")
     app.set_defaults(func=cmd_flower_app)
+    _inference_parsers(sub)
     return parser
+
+
+def _inference_parsers(sub) -> None:
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", metavar="RUN_DIR|ADAPTER_FOLDER",
+                       help="a run directory (with --client) or a client's adapter folder (RUN_DIR/adapters/client_XX)")
+        p.add_argument("--client", type=int, help="the client whose personalized model to use (with a RUN_DIR)")
+        p.add_argument("--base-model", help="the base model's directory or hub id, if it is not where the "
+                                            "folder records it")
+
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--image-column", default="image", help="Parquet: the image column (default: image)")
+        p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+        p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ...")
+
+    pred = sub.add_parser("predict", help="classify images with a client's personalized model")
+    model_args(pred)
+    pred.add_argument("images", nargs="+", metavar="IMAGES",
+                      help="image files, folders (searched recursively) or Parquet files (HF image layout)")
+    pred.add_argument("--top-k", type=int, default=3, help="classes to report per image (default: 3)")
+    pred.add_argument("--out", default="predictions.csv", help="the CSV to write (default: ./predictions.csv)")
+    run_args(pred)
+    pred.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a client's "
+                                         "personalized model on a labelled set")
+    model_args(ev)
+    ev.add_argument("data", metavar="LABELLED",
+                    help="a folder with one subfolder per class, or a Parquet file with a label column")
+    ev.add_argument("--label-column", default="label", help="Parquet: the label column (default: label)")
+    ev.add_argument("--out", default="evaluation", help="the folder to write into (default: ./evaluation)")
+    run_args(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    exp = sub.add_parser("export", help="write a client's model with its LoRA merged into the weights "
+                                        "(a plain transformers CLIPModel folder)")
+    model_args(exp)
+    exp.add_argument("--merged", required=True, metavar="OUT", help="the new folder to write")
+    exp.set_defaults(func=cmd_export)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -189,6 +230,106 @@ def cmd_flower_app(args) -> int:
     folder = write_app(args.folder, overwrite=args.force)
     print(f"wrote the Flower app to {folder}; run it with `flwr run {folder} <superlink-connection>` "
           f"(its run config keys are in {folder / 'pyproject.toml'})")
+    return 0
+
+
+def _positive(value: int, option: str) -> None:
+    if value < 1:
+        raise FedLRMError(f"{option} must be at least 1, got {value}")
+
+
+def _load_for(args):
+    """The personalized model of `args` (checked before anything is written)."""
+    from fedlrm.federation.task import resolve_device
+    from fedlrm.inference import load_personalized
+
+    return load_personalized(args.model, args.client, base_model=args.base_model, device=resolve_device(args.device))
+
+
+def cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from fedlrm.inference import adapter_folder, check_out_file, collect_images, predict_images, prediction_rows, \
+        top_classes
+    from fedlrm.reporting import wide_console, write_csv
+
+    _positive(args.top_k, "--top-k")
+    _positive(args.batch_size, "--batch-size")
+    out = Path(args.out)
+    check_out_file(out)
+    adapter_folder(args.model, args.client)  # a bad model path fails before images are searched
+    images = collect_images(args.images, args.image_column)
+    model = _load_for(args)
+    predictions = top_classes(predict_images(model, images, args.batch_size), model.class_names, args.top_k)
+    rows = prediction_rows(images.names, predictions)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, rows)
+    info = model.info
+    table = Table(title=f"{info['algorithm']}, client {info['client']}: top-{args.top_k} classes")
+    table.add_column("image", overflow="fold")
+    for k in range(1, len(predictions[0]) + 1):
+        table.add_column(f"#{k}", no_wrap=True)
+    shown = 25
+    for name, pred in zip(images.names[:shown], predictions[:shown]):
+        table.add_row(name, *[f"{c} {p:.3f}" for c, p in pred])
+    console = wide_console()
+    console.print(table)
+    more = f" ({len(rows) - shown} more than shown)" if len(rows) > shown else ""
+    console.print(f"{len(rows)} images{more}; predictions written to {out.resolve()}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from fedlrm.federation.export import read_meta
+    from fedlrm.inference import (adapter_folder, check_out_dir, evaluation, labelled_images, map_labels,
+                                  model_about, predict_images, write_evaluation)
+    from fedlrm.reporting import wide_console
+
+    _positive(args.batch_size, "--batch-size")
+    out = Path(args.out)
+    check_out_dir(out)
+    meta = read_meta(adapter_folder(args.model, args.client))
+    images = labelled_images(args.data, args.image_column, args.label_column)
+    true = map_labels(images.labels, meta["class_names"], str(args.data))  # refused before the model loads
+    model = _load_for(args)
+    probs = predict_images(model, images, args.batch_size)
+    result = evaluation(true, probs, model.class_names)
+    files = write_evaluation(out, result, images, probs, model.class_names, {**model_about(model), "data": args.data})
+    console = wide_console()
+    console.print(f"{meta['algorithm']}, client {meta['client']} on {args.data}: accuracy "
+                  f"{100 * result['accuracy']:.2f}% ({result['correct']}/{result['images']} images)")
+    table = Table(title="per-class accuracy")
+    for column in ("class", "images", "correct", "accuracy %"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in result["per_class"]:
+        table.add_row(row["class"], str(row["images"]), str(row["correct"]), f"{100 * row['accuracy']:.1f}")
+    console.print(table)
+    classes, matrix = result["confusion"]["classes"], result["confusion"]["matrix"]
+    if len(classes) <= 15:
+        cm = Table(title="confusion matrix (rows: true class, columns: predicted)")
+        cm.add_column("true \\ predicted")
+        for c in classes:
+            cm.add_column(c, justify="right")
+        for c, row in zip(classes, matrix):
+            cm.add_row(c, *[str(v) for v in row])
+        console.print(cm)
+    console.print(f"written to {out.resolve()}: " + ", ".join(p.name for p in files.values()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from fedlrm.federation.export import export_merged
+    from fedlrm.inference import adapter_folder
+
+    out = export_merged(adapter_folder(args.model, args.client), args.merged, args.base_model)
+    print(f"wrote the merged model to {out}; load it with transformers.CLIPModel.from_pretrained({str(out)!r}) "
+          f"or fedlrm.load_personalized({str(out)!r})")
     return 0
 
 
