@@ -14,6 +14,9 @@ from fedlrm.errors import FedLRMError
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fedlrm.reporting.tracking import show_log_lines
+
+    show_log_lines()  # the per-round lines and warnings, printed without breaking progress bars
     try:
         return args.func(args)
     except FedLRMError as err:
@@ -243,7 +246,8 @@ def _load_for(args):
     from fedlrm.federation.task import resolve_device
     from fedlrm.inference import load_personalized
 
-    return load_personalized(args.model, args.client, base_model=args.base_model, device=resolve_device(args.device))
+    return load_personalized(args.model, args.client, base_model=args.base_model,
+                             device=resolve_device(args.device, "--device"))
 
 
 def cmd_predict(args) -> int:

@@ -12,6 +12,7 @@ an error that names the key and the valid ones, not a silently ignored typo.
 
 from __future__ import annotations
 
+import math
 import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
@@ -44,8 +45,12 @@ class ModelConfig:
 
     def check(self) -> None:
         one_of("model.backend", self.backend, ("hf", "open_clip"))
-        if "{}" not in self.prompt:
-            raise ConfigError(f"model.prompt {self.prompt!r} needs a '{{}}' where the class name goes")
+        check_prompt("model.prompt", self.prompt)
+        if not self.target_modules:
+            raise ConfigError("model.target_modules is empty: name the linear layers that carry adapters "
+                              "(e.g. [q_proj, v_proj])")
+        if len(set(self.target_layers)) != len(self.target_layers):
+            raise ConfigError(f"model.target_layers={list(self.target_layers)} names a block twice")
 
 
 @dataclass
@@ -58,7 +63,8 @@ class AdapterConfig:
 
     def check(self) -> None:
         at_least_one("adapter.rank", self.rank)
-        if not 0 <= self.dropout < 1:
+        finite_positive("adapter.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:  # NaN fails this too
             raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
 
 
@@ -80,6 +86,9 @@ class DataConfig:
     classes_per_client: int = 2
     shots: int = 16  # images per class per client; 0 keeps the whole partition
     test_per_client: Optional[int] = 200  # None: as many as the test split allows
+    # Names of the class ids 0, 1, ... as the prompts use them; empty: from the data (a ClassLabel,
+    # string labels or folder names). Needed for integer labels without names (else "0", "1", ...).
+    class_names: list[str] = field(default_factory=list)
     global_test_size: Optional[int] = None  # None: the whole test split
     augment: bool = False
 
@@ -90,10 +99,17 @@ class DataConfig:
         at_least_one("data.shards_per_client", self.shards_per_client)
         if self.shots < 0:
             raise ConfigError(f"data.shots must be 0 (whole partition) or more, got {self.shots}")
-        if not self.dirichlet_alpha > 0:
-            raise ConfigError(f"data.dirichlet_alpha must be positive, got {self.dirichlet_alpha}")
-        if self.test_per_client is not None and self.test_per_client < 0:
-            raise ConfigError(f"data.test_per_client must be 0 or more (or null), got {self.test_per_client}")
+        finite_positive("data.dirichlet_alpha", self.dirichlet_alpha)
+        if self.test_per_client is not None and self.test_per_client < 1:
+            raise ConfigError(f"data.test_per_client must be at least 1 (an empty test set has no accuracy), "
+                              f"or null for as many as the test split allows; got {self.test_per_client}")
+        blank = [i for i, name in enumerate(self.class_names) if not str(name).strip()]
+        if blank:
+            raise ConfigError(f"data.class_names has empty names (positions {blank}); give every class a name")
+        twice = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"data.class_names names {', '.join(map(repr, twice))} more than once; "
+                              f"classes with one name get one prompt and cannot be told apart")
         if self.global_test_size is not None and self.global_test_size < 1:
             raise ConfigError(f"data.global_test_size must be at least 1 (or null), got {self.global_test_size}")
 
@@ -131,8 +147,18 @@ class TrainConfig:
         one_of("train.precision", self.precision, ("fp32", "bf16"))
         for key in ("rounds", "local_epochs", "batch_size", "eval_every", "eval_batch_size"):
             at_least_one(f"train.{key}", getattr(self, key))
-        if not 0 < self.client_fraction <= 1:
+        finite_positive("train.lr", self.lr)
+        finite_nonnegative("train.momentum", self.momentum)
+        finite_nonnegative("train.weight_decay", self.weight_decay)
+        if not 0 < self.client_fraction <= 1:  # NaN fails this too
             raise ConfigError(f"train.client_fraction must be in (0, 1], got {self.client_fraction}")
+        if self.threads is not None:
+            at_least_one("train.threads", self.threads)
+        # The form only: whether the device exists is asked where the run happens
+        # (fedlrm.federation.task.resolve_device), which may be another machine than this one.
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(self.device)):
+            raise ConfigError(f"train.device={self.device!r} is not a device; use auto (cuda if available, "
+                              f"else cpu), cpu, cuda, cuda:N (the N-th GPU) or mps")
 
 
 @dataclass
@@ -143,9 +169,11 @@ class FederationConfig:
 
     def check(self) -> None:
         at_least_one("federation.min_clients", self.min_clients)
-        if self.round_timeout is not None and self.round_timeout <= 0:
-            raise ConfigError(f"federation.round_timeout must be positive seconds or null, got {self.round_timeout}")
-        if self.max_norm_ratio < 0 or 0 < self.max_norm_ratio <= 1:
+        if self.round_timeout is not None:
+            finite_positive("federation.round_timeout", self.round_timeout, "seconds, or null to wait")
+        # NaN would compare False with every norm and so turn the check off unnoticed
+        finite_nonnegative("federation.max_norm_ratio", self.max_norm_ratio, "0 turns the check off")
+        if 0 < self.max_norm_ratio <= 1:
             raise ConfigError(f"federation.max_norm_ratio must be 0 (off) or above 1, got {self.max_norm_ratio}")
 
 
@@ -164,9 +192,11 @@ class PrivacyConfig:
     def check(self) -> None:
         for key in ("secagg_shares", "secagg_threshold", "secagg_quantization_range"):
             at_least_one(f"privacy.{key}", getattr(self, key))
-        if self.clip < 0 or self.noise_multiplier < 0:
-            raise ConfigError(f"privacy.clip and privacy.noise_multiplier must be >= 0, got {self.clip} and "
-                              f"{self.noise_multiplier}")
+        # NaN would turn clipping (and so DP) off without a word; infinity clips nothing
+        finite_nonnegative("privacy.clip", self.clip, "0 turns differential privacy off")
+        finite_nonnegative("privacy.noise_multiplier", self.noise_multiplier)
+        finite_positive("privacy.secagg_clip_range", self.secagg_clip_range)
+        finite_positive("privacy.secagg_max_weight", self.secagg_max_weight)
         if self.noise_multiplier > 0 and self.clip == 0:
             raise ConfigError("privacy.noise_multiplier needs privacy.clip > 0: noise is scaled to the clipping bound")
         if not 0 < self.delta < 1:
@@ -174,6 +204,20 @@ class PrivacyConfig:
         if self.secagg_threshold > self.secagg_shares:
             raise ConfigError(f"privacy.secagg_threshold ({self.secagg_threshold}) cannot exceed "
                               f"privacy.secagg_shares ({self.secagg_shares})")
+
+
+@dataclass
+class ReportConfig:
+    """What a run shows while it goes (a log line per round is always written)."""
+
+    tensorboard: bool = False  # TensorBoard event files of the per-round and per-client metrics in RUN_DIR/tensorboard
+
+    def check(self) -> None:
+        import importlib.util
+
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("report.tensorboard=true needs the tensorboard package: pip install "
+                              "'fedlrm[tensorboard]' (or drop report.tensorboard)")
 
 
 @dataclass
@@ -190,6 +234,7 @@ class SharedConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 #: every key at the top of a run config that is not a method's section
@@ -214,8 +259,21 @@ class RunConfig(SharedConfig):
                               f"fedlrm.algorithms.load_config") from None
 
     def check_shared(self) -> None:
+        if self.name is not None:
+            folder_name("name", self.name)
+        if not str(self.output_dir).strip():
+            raise ConfigError("output_dir is empty; give the folder run directories go in (e.g. runs)")
         for name in SHARED_SECTIONS:
             getattr(self, name).check()
+        # Checked now, not after round 1 has trained: a round is aggregated only with
+        # min_clients valid uploads, and at most the sampled clients upload.
+        sampled = clients_per_round(self.data.num_clients, self.train.client_fraction)
+        if self.federation.min_clients > sampled:
+            raise ConfigError(
+                f"federation.min_clients={self.federation.min_clients} can never be met: each round samples "
+                f"{sampled} client(s) (train.client_fraction={self.train.client_fraction} of "
+                f"data.num_clients={self.data.num_clients}); lower federation.min_clients to at most {sampled} "
+                f"or sample more clients")
 
 
 def load(path: str | Path | None, overrides: list[str] | None, sections: Mapping[str, type],
@@ -237,7 +295,7 @@ def load(path: str | Path | None, overrides: list[str] | None, sections: Mapping
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.rounds=5)")
-        sources.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        sources.append((f"override {item!r}", _parse_override(item)))
     cfg = OmegaConf.structured(schema)
     for origin, src in sources:
         try:
@@ -256,6 +314,18 @@ def load(path: str | Path | None, overrides: list[str] | None, sections: Mapping
         raise ConfigError(f"{key}: {text}; set it (e.g. {missing[1] if missing else 'VAR'}=/path/to/folder "
                           f"fedlrm ...) or give {key}=... as an override") from None
     return _resolved(resolved, sections)
+
+
+def _parse_override(item: str) -> Any:
+    """One `key=value` override; a value YAML cannot read (`name=[`, `train.lr={`) is a ConfigError."""
+    try:
+        return OmegaConf.from_dotlist([item])
+    except Exception as err:  # noqa: BLE001 - yaml and omegaconf raise many types for a bad value
+        key, _, value = item.partition("=")
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"override {item!r}: the value {value!r} of {key} cannot be read ({first}); values "
+                          f"are read as YAML, so a list is written [a,b] and a text that starts with '[' or '{{' "
+                          f"must be quoted: {key}='\"{value}\"' in the shell") from None
 
 
 #: the configurations that ship with fedlrm, found by name (`--config paper/cifar10`)
@@ -404,4 +474,53 @@ def one_of(key: str, value: Any, allowed: tuple) -> None:
 def at_least_one(key: str, value: int) -> None:
     if value < 1:
         raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
+def _finite(key: str, value: float, what: str, hint: str) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number{what}, got {value}" + (f" ({hint})" if hint else ""))
+
+
+def finite_positive(key: str, value: float, hint: str = "") -> None:
+    """Refuse NaN, infinities and values <= 0 (NaN passes every `<` check unnoticed)."""
+    _finite(key, value, " above 0", hint)
+    if value <= 0:
+        raise ConfigError(f"{key} must be above 0, got {value}" + (f" ({hint})" if hint else ""))
+
+
+def finite_nonnegative(key: str, value: float, hint: str = "") -> None:
+    """Refuse NaN, infinities and negative values."""
+    _finite(key, value, " of 0 or more", hint)
+    if value < 0:
+        raise ConfigError(f"{key} must be 0 or more, got {value}" + (f" ({hint})" if hint else ""))
+
+
+def folder_name(key: str, value: str) -> None:
+    """A single folder name (a run directory under output_dir), not a path that leads elsewhere."""
+    text = str(value)
+    if (not text.strip() or text in (".", "..") or "/" in text or "\\" in text or "\0" in text
+            or Path(text).is_absolute()):
+        raise ConfigError(f"{key}={text!r} must be one folder name (the run directory under output_dir): "
+                          f"no '/' or '\\', not '.' or '..', not empty; e.g. {key}=my-run")
+
+
+def check_prompt(key: str, prompt: str) -> None:
+    """A template with exactly one `{}` (or `{0}`) where the class name goes."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None]
+        if fields.count("") > 1 or any(f not in ("", "0") for f in fields):
+            raise ValueError(f"{len(fields)} placeholders where one goes")
+        prompt.format("x")
+    except (ValueError, IndexError, KeyError) as err:
+        raise ConfigError(f"{key}={prompt!r} is not a prompt template ({err}): write one '{{}}' where the class "
+                          f"name goes (e.g. 'a photo of a {{}}.'), and '{{{{' or '}}}}' for a literal brace") from None
+    if not fields:
+        raise ConfigError(f"{key} {prompt!r} needs a '{{}}' where the class name goes")
+
+
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """How many clients `fedlrm.seeding.sample_clients` draws per round (the same formula)."""
+    return num_clients if fraction >= 1.0 else max(1, round(fraction * num_clients))
 

@@ -7,27 +7,34 @@ directory is created, so a mistake never leaves a half-written one behind.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 
-from fedlrm.algorithms import ALGORITHMS, load_config
+from fedlrm.algorithms import ALGORITHMS, check, load_config
 from fedlrm.config import RunConfig
 from fedlrm.data import load_federated_data
 from fedlrm.errors import ConfigError, FedLRMError
 from fedlrm.federation.export import save_personalized
-from fedlrm.federation.rundir import new_run_dir, write_config
+from fedlrm.federation.rundir import check_run_dir, new_run_dir, write_config
 from fedlrm.federation.server import RunResult
 from fedlrm.federation.simulation import Simulation
 from fedlrm.federation.task import personalize
 from fedlrm.models import load_backbone
-from fedlrm.reporting import markdown_table, plot_compare, print_table, write_csv, write_run_report
+from fedlrm.reporting import (markdown_table, plot_compare, plot_compare_rounds, print_table, write_csv,
+                              write_run_report)
+
+log = logging.getLogger("fedlrm.compare")
 
 
 def run_experiment(cfg: RunConfig, *, data=None, run_dir: Path | None = None, progress: bool = True,
                    stop_after_round: int | None = None) -> RunResult:
+    if run_dir is None:
+        check_run_dir(cfg)  # a bad output_dir or a taken name is refused before the model loads
     sim = Simulation(cfg, data=data, progress=progress)
     run_dir = run_dir or new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,18 +79,30 @@ def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,
         raise ConfigError(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
     if not algorithms:
         raise ConfigError("give at least one algorithm to compare")
+    # Each method's own checks (e.g. fedlease.warmup_rounds < train.rounds) and the folder, before
+    # anything loads or is written: a bad setting must not surface after the first methods ran.
+    for algorithm in algorithms:
+        check(replace(cfg, algorithm=algorithm))
+    name = cfg.name or f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    check_run_dir(replace(cfg, name=name))
     # One data load for all: the same clients, images and test sets for every method.
     data = load_federated_data(cfg.data, load_backbone(cfg.model).preprocess, cfg.seed)
-    name = cfg.name or f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     out = new_run_dir(replace(cfg, name=name))
-    summaries = []
-    for algorithm in algorithms:
+    summaries, runs = [], {}
+    for i, algorithm in enumerate(algorithms, 1):
         run_cfg = replace(cfg, algorithm=algorithm, name=None)
+        log.info("[%d/%d] %s: started (%s)", i, len(algorithms), algorithm, out / algorithm)
+        start = time.perf_counter()
         result = run_experiment(run_cfg, data=data, run_dir=out / algorithm, progress=progress)
         summaries.append({"method": algorithm, **result.summary})
+        runs[algorithm] = (result.client_rows, result.round_rows)
+        log.info("[%d/%d] %s: accuracy %.2f %% (weighted; std over clients %.2f) in %.1f s", i, len(algorithms),
+                 algorithm, 100 * result.summary.get("acc_weighted", float("nan")),
+                 100 * result.summary.get("acc_std", float("nan")), time.perf_counter() - start)
     title = f"{len(data.clients)} clients, {cfg.data.shots}-shot, {cfg.data.partition} split, seed {cfg.seed}"
     print_table(summaries, title, console)
     (out / "compare.md").write_text(f"# {title}\n\n" + markdown_table(summaries))
     write_csv(out / "compare.csv", [{k: v for k, v in s.items() if k != "per_client_accuracy"} for s in summaries])
     plot_compare(out / "compare.png", summaries, title)
+    plot_compare_rounds(out, runs, title)
     return out, summaries

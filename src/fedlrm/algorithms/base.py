@@ -101,6 +101,11 @@ class Algorithm:
     def check(cls, settings: Any, cfg: RunConfig) -> None:
         """Refuse bad values of the method's own settings (a ConfigError naming `<name>.<key>`)."""
 
+    def check_model(self, adapted_modules: list[str]) -> None:
+        """Refuse settings that do not fit the model built for the run (a ConfigError), e.g. more
+        blocks than carry adapters; called once the adapters are placed, before anything is written.
+        `adapted_modules` are the adapted layers' names in the image encoder."""
+
     # ----- model: what a client trains -------------------------------------------------
     def make_layer(self, linear: nn.Linear, layout: Hashable) -> AdaptedLinear | None:
         """The adapted replacement of one target layer in `layout`, or None to leave it as it is."""

@@ -31,6 +31,7 @@ from fedlrm.adapters import AdaptedLinear, adapter_parameters, block_index, get_
 from fedlrm.algorithms.base import Algorithm, ServerState, State, Upload, weighted_mean
 from fedlrm.algorithms.registry import register
 from fedlrm.config import at_least_one, one_of
+from fedlrm.errors import ConfigError
 from fedlrm.seeding import derive_seed
 
 MASK, SCORES = "f3ocus.mask", "f3ocus.scores"
@@ -202,6 +203,18 @@ class F3OCUS(Algorithm):
         one_of("f3ocus.optimizer", settings.optimizer, ("nsga2", "smsemoa"))
         for key in ("budget", "population", "generations", "ntk_batch"):
             at_least_one(f"f3ocus.{key}", getattr(settings, key))
+        layers = cfg.model.target_layers
+        if cfg.algorithm == cls.name and layers and settings.budget > len(layers):  # the rest: check_model
+            raise ConfigError(f"f3ocus.budget={settings.budget} is more than the {len(layers)} block(s) of "
+                              f"model.target_layers={list(layers)}; use f3ocus.budget at most {len(layers)}")
+
+    def check_model(self, adapted_modules):
+        adapted = blocks(adapted_modules)
+        if self.settings.budget > len(adapted):
+            raise ConfigError(
+                f"f3ocus.budget={self.settings.budget} is more than the {len(adapted)} transformer block(s) that "
+                f"carry adapters (blocks {adapted}, from model.target_layers={list(self.cfg.model.target_layers)}); "
+                f"use f3ocus.budget at most {len(adapted)}, or adapt more blocks")
 
     def make_layer(self, linear, layout):
         return AdaptedLinear(linear, {"global": self.expert(linear, self.cfg.adapter.rank)})

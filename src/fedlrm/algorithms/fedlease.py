@@ -63,6 +63,11 @@ class FedLEASE(Algorithm):
     @classmethod
     def check(cls, settings, cfg):
         at_least_one("fedlease.warmup_rounds", settings.warmup_rounds)
+        # Only for a FedLEASE run: the other methods' runs carry this section with its defaults.
+        if cfg.algorithm == cls.name and settings.warmup_rounds >= cfg.train.rounds:
+            raise ConfigError(f"fedlease.warmup_rounds={settings.warmup_rounds} leaves no clustered round in "
+                              f"train.rounds={cfg.train.rounds} (clients cluster after the warm-up); use "
+                              f"fedlease.warmup_rounds at most {cfg.train.rounds - 1} or more train.rounds")
         if settings.max_clusters < 2:
             raise ConfigError(f"fedlease.max_clusters must be at least 2, got {settings.max_clusters}")
 

@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from fedlrm.adapters import AdaptedLinear, adapter_parameters, get_state
 from fedlrm.algorithms.base import Algorithm, ServerState, State
 from fedlrm.algorithms.registry import register
-from fedlrm.config import at_least_one
+from fedlrm.config import at_least_one, finite_nonnegative
 from fedlrm.errors import ConfigError
 
 LOCAL, GLOBAL = ".experts.local.", ".experts.global."
@@ -101,8 +101,9 @@ class FedPIA(Algorithm):
     @classmethod
     def check(cls, settings, cfg):
         at_least_one("fedpia.max_iterations", settings.max_iterations)
-        if not 0 <= settings.global_weight <= 1:
+        if not 0 <= settings.global_weight <= 1:  # NaN fails this too
             raise ConfigError(f"fedpia.global_weight must be in [0, 1], got {settings.global_weight}")
+        finite_nonnegative("fedpia.tolerance", settings.tolerance)
 
     def make_layer(self, linear, layout):
         return AdaptedLinear(linear, {"local": self.expert(linear, self.cfg.adapter.rank)})

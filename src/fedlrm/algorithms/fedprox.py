@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from fedlrm.adapters import adapter_parameters
 from fedlrm.algorithms.fedavg import FedAvg
 from fedlrm.algorithms.registry import register
-from fedlrm.errors import ConfigError
+from fedlrm.config import finite_nonnegative
 
 
 @dataclass
@@ -21,8 +21,7 @@ class FedProx(FedAvg):
 
     @classmethod
     def check(cls, settings, cfg):
-        if settings.mu < 0:
-            raise ConfigError(f"fedprox.mu must be 0 or more, got {settings.mu}")
+        finite_nonnegative("fedprox.mu", settings.mu)
 
     def regularizer(self, model, ctx):
         params = adapter_parameters(model)

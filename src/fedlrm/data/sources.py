@@ -7,6 +7,7 @@ Images are decoded later, and only those that a client or the global test uses
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -68,7 +69,7 @@ class HFSplit(Split):
         for row, record in zip(rows.tolist(), records):
             try:
                 image = self._feature.decode_example(record)
-                images.append(image.convert("RGB"))
+                images.append(to_rgb(image))
             except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
                 path = record.get("path") if isinstance(record, dict) else None
                 what = f"row {row}" + (f" (path {path!r})" if path else "")
@@ -92,7 +93,7 @@ class CallableSplit(Split):
         images = []
         for row in np.asarray(rows, dtype=np.int64).tolist():
             try:
-                images.append(self._get(row).convert("RGB"))
+                images.append(to_rgb(self._get(row)))
             except Exception as err:  # noqa: BLE001
                 raise DataError(
                     f"cannot decode image {row} of the {self.where}: {type(err).__name__}: {err}. "
@@ -101,15 +102,63 @@ class CallableSplit(Split):
         return images
 
 
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """An 8-bit RGB image. PIL's own convert("RGB") clips 16-bit and 32-bit grayscale (modes
+    I;16*, I) to 0..255 instead of scaling it, so a 16-bit PNG turns almost white; these modes
+    are scaled from 0..65535 first, and float images (mode F) from 0..1 (or 0..255 when their
+    values go beyond 1, as in images saved from 8-bit data)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if np.nanmax(values, initial=0.0) <= 1.0 else 255.0
+        else:
+            top = 65535.0  # I;16 holds 0..65535; so does mode I as PIL opens a 16-bit PNG
+        gray = np.clip(np.nan_to_num(values) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return PIL.Image.fromarray(gray, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 @dataclass
 class Source:
     class_names: list[str]  # as the source spells them (underscores kept)
     train: Split
     test: Split
+    #: False when the data has only class ids and `class_names` are made up ("0", "1", ...)
+    named: bool = True
 
 
 def load_source(cfg: DataConfig) -> Source:
-    """Read the train and test splits named by `cfg.source` (labels only; no image decoding)."""
+    """Read the train and test splits named by `cfg.source` (labels only; no image decoding);
+    `data.class_names`, when given, names the class ids."""
+    source = _read_source(cfg)
+    if cfg.class_names:
+        return _named(source, cfg.class_names)
+    if not source.named:
+        warnings.warn(
+            f"the {source.train.where} has integer labels but no class names (no ClassLabel feature in its "
+            f"Hugging Face metadata), so the classes are called {_short(source.class_names, 4)} and the "
+            f"prompts read like 'a photo of a {(source.class_names or ['0'])[0]}.'; the classifier is built from the "
+            f"prompts, so give the real names, in label order, with data.class_names=[cat,dog,...] "
+            f"({len(source.class_names)} names)",
+            stacklevel=2)
+    return source
+
+
+def _named(source: Source, names: list[str]) -> Source:
+    """The source with `names` for its class ids 0..K-1."""
+    have = len(source.class_names)
+    if source.named and len(names) != have:
+        raise DataError(f"data.class_names has {len(names)} names, but the data has {have} classes "
+                        f"({_short(source.class_names)}); give one name per class, in label order")
+    if len(names) < have:  # integer labels: the ids present must have a name
+        raise DataError(f"data.class_names has {len(names)} names, but the labels of the data go up to "
+                        f"{have - 1} ({have} classes); give one name per class id 0..{have - 1}, in label order")
+    return Source([str(n) for n in names], source.train, source.test, True)
+
+
+def _read_source(cfg: DataConfig) -> Source:
     kind = cfg.source
     if kind == "builtin":
         folder = Path(_config.BUILTIN_DATASET_DIR)
@@ -218,6 +267,7 @@ def _from_hf(tr: Any, te: Any, image_column: str, label_column: str,
     ftr, fte = tr.features[label_column], te.features[label_column]
     raw_tr, raw_te = _column(tr, label_column), _column(te, label_column)
 
+    named = True
     if isinstance(ftr, datasets.ClassLabel):
         names = list(ftr.names)
         if isinstance(fte, datasets.ClassLabel) and list(fte.names) != names:
@@ -235,6 +285,7 @@ def _from_hf(tr: Any, te: Any, image_column: str, label_column: str,
         labels_tr, labels_te = raw_tr.astype(np.int64), raw_te.astype(np.int64)
         top = max(int(labels_tr.max(initial=-1)), int(labels_te.max(initial=-1)))
         names = [str(i) for i in range(top + 1)]
+        named = False
     else:
         raise DataError(
             f"the label column {label_column!r} of the {where_train} holds {ftr}; it must hold "
@@ -249,7 +300,7 @@ def _from_hf(tr: Any, te: Any, image_column: str, label_column: str,
                 f"(first: row {row}, label {int(labels[row])}); unlabelled rows cannot be used"
             )
     return Source(names, HFSplit(tr, image_column, labels_tr, where_train),
-                  HFSplit(te, image_column, labels_te, where_test))
+                  HFSplit(te, image_column, labels_te, where_test), named)
 
 
 def _column(ds: Any, column: str) -> np.ndarray:

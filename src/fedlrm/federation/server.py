@@ -28,6 +28,7 @@ from fedlrm.federation.task import ModelBundle, evaluate, personalize
 from fedlrm.federation.validation import (Rejection, expected_upload, norm_outliers, schema_problem,
                                           update_norm)
 from fedlrm.federation.wire import decode, encode
+from fedlrm.reporting.tracking import RoundReporter
 from fedlrm.seeding import derive_seed, sample_clients
 
 log = logging.getLogger("fedlrm.server")
@@ -140,6 +141,8 @@ class Server:
             privacy.write_privacy_report(run_dir, cfg.privacy, cfg.train.rounds)
         messages: list[Message] = []
         bar = tqdm(range(start, last + 1), desc=f"{algo.name} rounds", disable=not self.progress, unit="round")
+        reporter = RoundReporter(algo.name, last, run_dir / "tensorboard" if run_dir is not None and
+                                 cfg.report.tensorboard else None, start_round=start)
         for r in bar:
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, r, self.num_clients, cfg.train.client_fraction) if r else []
@@ -197,9 +200,11 @@ class Server:
             if run_dir is not None:
                 save_checkpoint(run_dir, Checkpoint(r, state, transport.private_states(), client_rows, round_rows))
                 self.write_rejections(run_dir)
+            reporter.round_done(round_row, rows)
             if stop_after_round is not None and r >= stop_after_round:
                 break
         bar.close()
+        reporter.close()
         return RunResult(run_dir, client_rows, round_rows, self.summarize(client_rows, round_rows), state,
                          transport.private_states(), messages, list(self.rejections))
 

@@ -19,6 +19,7 @@ from fedlrm.federation.messages import EvalReply, TrainReply
 from fedlrm.federation.server import RunResult, Server
 from fedlrm.federation.task import ModelBundle, build_model, resolve_device
 from fedlrm.models import load_backbone
+from fedlrm.models.backbone import check_fits
 
 
 class InProcessTransport:
@@ -56,15 +57,17 @@ class Simulation:
         if cfg.privacy.secagg:  # in one process there is nothing to hide the uploads from
             raise ConfigError("privacy.secagg needs the Flower runtime: run with `fedlrm flower` or "
                               "`flwr run flower-app`, or drop privacy.secagg")
+        device = resolve_device(cfg.train.device)  # before the model loads, which can take long
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg
         self.progress = progress
         self.algorithm: Algorithm = get_algorithm(cfg)
         backbone = load_backbone(cfg.model)
+        check_fits(backbone, cfg.model, cfg.adapter.rank)  # before the data, which can take long to read
         self.data = data if data is not None else load_federated_data(cfg.data, backbone.preprocess, cfg.seed)
         self.bundle: ModelBundle = build_model(backbone, self.data.class_names, cfg, self.algorithm)
-        self.bundle.model.to(resolve_device(cfg.train.device))
+        self.bundle.model.to(device)
         self.num_clients = len(self.data.clients)
         self.server = Server(cfg, self.algorithm, self.bundle, self.num_clients, self.data.global_test, progress)
         self.clients = [Client(self.bundle, self.algorithm, cfg, c, split) for c, split in enumerate(self.data.clients)]

@@ -19,8 +19,10 @@ from fedlrm.adapters import (adapter_parameters, get_state, inject_adapters, res
 from fedlrm.adapters.inject import block_indices
 from fedlrm.algorithms import Algorithm, ClientRound, ServerState, State
 from fedlrm.config import RunConfig, TrainConfig
+from fedlrm.errors import ConfigError
 from fedlrm.federation.wire import decode, encode
 from fedlrm.models import Backbone, ClipClassifier
+from fedlrm.models.backbone import check_fits
 from fedlrm.models.frozen_prefix import cacheable_start, prefix_hidden
 from fedlrm.seeding import derive_seed
 
@@ -37,10 +39,14 @@ class ModelBundle:
 
 
 def build_model(backbone: Backbone, class_names: list[str], cfg: RunConfig, algorithm: Algorithm) -> ModelBundle:
-    """The classifier with the algorithm's adapters on the configured image-encoder layers."""
+    """The classifier with the algorithm's adapters on the configured image-encoder layers.
+    Settings that do not fit this model are refused here, before a run writes anything."""
+    check_fits(backbone, cfg.model, cfg.adapter.rank)
     backbone.set_activation_checkpointing(use_activation_checkpointing(backbone, cfg.train, cfg.model.target_layers))
     bundle = ModelBundle(ClipClassifier(backbone, class_names, cfg.model.prompt), [], [])
     adapt(bundle, algorithm, cfg, algorithm.layout_of({}))
+    if algorithm.trains:
+        algorithm.check_model(bundle.adapted_modules)
     return bundle
 
 
@@ -108,10 +114,30 @@ def initial_private(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, c
     return get_state(bundle.model, bundle.private_keys)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """The torch device a setting names, refused (a ConfigError naming `key` and the devices this
+    machine has) when it is not here; ask before loading a model, which can take long."""
+    cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    here = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(gpus)] if cuda else []) + (["mps"] if mps else [])
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return torch.device("cuda" if cuda else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"{key}={name!r} is not a device; this machine has: {', '.join(here)}") from None
+    if device.type == "cuda" and not cuda:
+        why = "this torch build has no CUDA, or no GPU is visible"
+    elif device.type == "cuda" and device.index is not None and device.index >= gpus:
+        why = f"there {'is' if gpus == 1 else 'are'} {gpus} GPU(s)"
+    elif device.type == "mps" and not mps:
+        why = "MPS (Apple GPUs) is not available here"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        why = f"fedlrm runs on cpu, cuda or mps, not {device.type}"
+    else:
+        return device
+    raise ConfigError(f"{key}={name!r} is not available on this machine ({why}); choose one of {', '.join(here)}")
 
 
 def autocast(cfg: TrainConfig, device: torch.device):

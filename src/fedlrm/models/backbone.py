@@ -38,6 +38,15 @@ class Backbone(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
 
+    def prompt_tokens(self, prompts: list[str]) -> list[tuple[int, ...]] | None:
+        """The token ids the text encoder sees for each prompt (None if unknown): prompts that
+        tokenize alike embed alike, whatever the model."""
+        return None
+
+    def text_pooling_hint(self) -> str:
+        """What decides which token's state becomes a prompt's feature, for error messages."""
+        return ""
+
     def blocks(self) -> list[nn.Module] | None:
         """The image encoder's transformer blocks in order, if the backend can run them in two
         parts (`hidden_before` and `features_from`); None otherwise."""
@@ -136,6 +145,19 @@ class HFClipBackbone(Backbone):
     def preprocess(self, images):
         return self._processor(images=images, return_tensors="pt")["pixel_values"].float()
 
+    def prompt_tokens(self, prompts):
+        return [tuple(ids) for ids in self._tokenizer(prompts)["input_ids"]]
+
+    def text_pooling_hint(self):
+        text_model, _ = self._text
+        tok = self._tokenizer
+        pooled_at = getattr(text_model, "eos_token_id", None)
+        return (f"transformers pools each prompt at the first position of the model's text_config.eos_token_id "
+                f"(or, when that id is 2, at the largest token id); here the model's text_config.eos_token_id is "
+                f"{pooled_at}, while its tokenizer's eos_token_id is {tok.eos_token_id} and pad_token_id is "
+                f"{tok.pad_token_id}. If they differ, set \"eos_token_id\": {tok.eos_token_id} in the "
+                f"\"text_config\" of the checkpoint's config.json (or use the tokenizer saved with the model)")
+
 
 class OpenClipBackbone(Backbone):
     """`open_clip` models (optional extra: needs torchvision)."""
@@ -166,6 +188,13 @@ class OpenClipBackbone(Backbone):
 
     def preprocess(self, images):
         return torch.stack([self._transform(im) for im in images])
+
+    def prompt_tokens(self, prompts):
+        return [tuple(ids) for ids in self._tokenizer(prompts).tolist()]
+
+    def text_pooling_hint(self):
+        return ("open_clip pools each prompt at its end-of-text token; check that model.name and "
+                "model.pretrained belong together and that the tokenizer is the model's")
 
 
 def resolve_name(name: str) -> str:
@@ -237,7 +266,9 @@ class ClipClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.class_names = list(class_names)
-        self.register_buffer("text_features", backbone.text_features([prompt.format(c) for c in class_names]))
+        prompts = [prompt.format(c) for c in class_names]
+        self.register_buffer("text_features", backbone.text_features(prompts))
+        check_text_features(backbone, self.class_names, prompts, self.text_features)
 
     @property
     def image_encoder(self) -> nn.Module:
@@ -256,3 +287,68 @@ class ClipClassifier(nn.Module):
     @property
     def preprocess(self) -> Callable[[list[Image.Image]], torch.Tensor]:
         return self.backbone.preprocess
+
+
+#: text features of different prompts closer than this are the same computation, not a model's
+#: judgement: a real text tower, even a tiny one, keeps distinct token sequences further apart
+#: (the built-in tiny CLIP puts "a photo of a class 0." and "... class 1." at 0.99996)
+SAME_FEATURE_COSINE = 1 - 1e-6
+
+
+def check_text_features(backbone: Backbone, class_names: list[str], prompts: list[str],
+                        features: torch.Tensor) -> None:
+    """Refuse class text features that are all the same although the prompts differ: every
+    logit would be equal, and a run would train nothing (every loss ln K) and still end with
+    success. The usual cause is a checkpoint whose text pooling reads the same token of every
+    prompt (a text_config.eos_token_id that does not match the tokenizer's)."""
+    tokens = backbone.prompt_tokens(prompts) or prompts
+    first: dict[object, int] = {}
+    for i, key in enumerate(tokens):
+        first.setdefault(key, i)  # classes whose prompts tokenize alike are duplicates the user made
+    distinct = sorted(first.values())
+    if len(distinct) < 2:
+        return
+    f = features[distinct].double()
+    finite = bool(torch.isfinite(f).all())
+    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = f @ f.t()
+    others = ~torch.eye(len(distinct), dtype=torch.bool)
+    if finite and cos[others].min() <= SAME_FEATURE_COSINE:
+        return
+    hint = backbone.text_pooling_hint()
+    what = (f"the same feature (e.g. {prompts[distinct[0]]!r} and {prompts[distinct[1]]!r}: cosine similarity "
+            f"{float(cos[0, 1]):.7f})" if finite else "features that are not finite numbers")
+    raise ModelError(
+        f"the text encoder gives all {len(distinct)} distinct class prompts {what}, so the classifier cannot "
+        f"tell one class from another and training would learn nothing. The checkpoint's text pooling "
+        f"probably reads the same token of every prompt" + (f": {hint}" if hint else "")
+        + ". Fix the checkpoint, or use another model.name")
+
+
+def check_fits(backbone: Backbone, cfg: ModelConfig, rank: int) -> None:
+    """Refuse `model.target_layers` beyond the image encoder's blocks and an `adapter.rank`
+    wider than an adapted layer, once the backbone is loaded and before anything is built."""
+    from fedlrm.adapters import block_index
+    from fedlrm.errors import ConfigError
+
+    linears = [(n, m) for n, m in backbone.image_encoder.named_modules() if isinstance(m, nn.Linear) and n]
+    depth = 1 + max((b for n, _ in linears if (b := block_index(n)) is not None), default=-1)
+    if cfg.target_layers and depth > 0:
+        outside = [i for i in cfg.target_layers if not -depth <= i < depth]
+        if outside:
+            raise ConfigError(
+                f"model.target_layers={list(cfg.target_layers)} names block(s) {outside} that {cfg.name} does not "
+                f"have: its image encoder has {depth} blocks, 0..{depth - 1} (or -1..-{depth} from the top)")
+        layers = {i + depth if i < 0 else i for i in cfg.target_layers}
+    else:
+        layers = None
+    targets = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in cfg.target_modules
+               and (layers is None or block_index(n) in layers)]
+    too_narrow = [(n, m) for n, m in targets if rank > min(m.in_features, m.out_features)]
+    if too_narrow:
+        name, m = too_narrow[0]
+        widest = min(min(t.in_features, t.out_features) for _, t in targets)
+        raise ConfigError(
+            f"adapter.rank={rank} is wider than the adapted layer {name} ({m.in_features} -> {m.out_features}): a "
+            f"LoRA's rank is at most min(d_in, d_out) = {min(m.in_features, m.out_features)}; use adapter.rank at "
+            f"most {widest} with model.target_modules={list(cfg.target_modules)}")
