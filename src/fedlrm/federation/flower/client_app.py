@@ -120,12 +120,13 @@ class NodeClient:
         self.state_dir = Path(str(self.node_config.get("state-dir") or
                                   Path.home() / ".cache" / "fedlrm" / "supernode" / name)).expanduser()
         self.run_dir = self.state_dir / "runs" / str(self.meta["run-key"])
+        device = resolve_device(cfg.train.device)  # a device this node lacks: refused before loading
         backbone = load_backbone(cfg.model)
         class_names, split = self.load_data(backbone.preprocess)
         self.class_names = class_names
         algorithm = get_algorithm(cfg)
         bundle = build_model(backbone, class_names, cfg, algorithm)
-        bundle.model.to(resolve_device(cfg.train.device))
+        bundle.model.to(device)
         self.client = Client(bundle, algorithm, cfg, self.client_id, split, self.load_private())
 
     # ----- data

@@ -183,6 +183,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_config(str(rc.get("config-file", "") or "") or None, shlex.split(str(rc.get("overrides", ""))))
         if not Path(cfg.output_dir).expanduser().is_absolute():
             cfg.output_dir = str(Path.home() / "fedlrm-runs" / cfg.output_dir)
+    device = resolve_device(cfg.train.device)  # a device this machine lacks: refused before loading
     backbone = load_backbone(cfg.model)
     global_test, class_names = None, None
     if rc.get("global-eval", True):
@@ -190,7 +191,7 @@ def main(grid: Grid, context: Context) -> None:
         global_test, class_names = data.global_test, data.class_names
     algorithm = get_algorithm(cfg)
     bundle = build_model(backbone, class_names or [f"class {i}" for i in range(2)], cfg, algorithm)
-    bundle.model.to(resolve_device(cfg.train.device))
+    bundle.model.to(device)
     if not resume:
         run_dir = new_run_dir(cfg)
         write_config(run_dir, cfg)
