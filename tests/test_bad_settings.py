@@ -13,9 +13,9 @@ from conftest import CLASSES, COLOURS, jpeg_bytes, make_tiny_clip_dir
 from PIL import Image
 
 from fedlrm.cli import main
-from fedlrm.config import DataConfig, clients_per_round
+from fedlrm.config import DataConfig
 from fedlrm.errors import ConfigError, DataError
-from fedlrm.seeding import sample_clients
+from fedlrm.seeding import clients_per_round, sample_clients
 
 NO_CUDA = not torch.cuda.is_available()
 NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())

@@ -236,11 +236,6 @@ def cmd_flower_app(args) -> int:
     return 0
 
 
-def _positive(value: int, option: str) -> None:
-    if value < 1:
-        raise FedLRMError(f"{option} must be at least 1, got {value}")
-
-
 def _load_for(args):
     """The personalized model of `args` (checked before anything is written)."""
     from fedlrm.federation.task import resolve_device
@@ -259,8 +254,10 @@ def cmd_predict(args) -> int:
         top_classes
     from fedlrm.reporting import wide_console, write_csv
 
-    _positive(args.top_k, "--top-k")
-    _positive(args.batch_size, "--batch-size")
+    from fedlrm.config import at_least_one
+
+    at_least_one("--top-k", args.top_k)
+    at_least_one("--batch-size", args.batch_size)
     out = Path(args.out)
     check_out_file(out)
     adapter_folder(args.model, args.client)  # a bad model path fails before images are searched
@@ -295,7 +292,9 @@ def cmd_evaluate(args) -> int:
                                   model_about, predict_images, write_evaluation)
     from fedlrm.reporting import wide_console
 
-    _positive(args.batch_size, "--batch-size")
+    from fedlrm.config import at_least_one
+
+    at_least_one("--batch-size", args.batch_size)
     out = Path(args.out)
     check_out_dir(out)
     meta = read_meta(adapter_folder(args.model, args.client))

@@ -265,15 +265,6 @@ class RunConfig(SharedConfig):
             raise ConfigError("output_dir is empty; give the folder run directories go in (e.g. runs)")
         for name in SHARED_SECTIONS:
             getattr(self, name).check()
-        # Checked now, not after round 1 has trained: a round is aggregated only with
-        # min_clients valid uploads, and at most the sampled clients upload.
-        sampled = clients_per_round(self.data.num_clients, self.train.client_fraction)
-        if self.federation.min_clients > sampled:
-            raise ConfigError(
-                f"federation.min_clients={self.federation.min_clients} can never be met: each round samples "
-                f"{sampled} client(s) (train.client_fraction={self.train.client_fraction} of "
-                f"data.num_clients={self.data.num_clients}); lower federation.min_clients to at most {sampled} "
-                f"or sample more clients")
 
 
 def load(path: str | Path | None, overrides: list[str] | None, sections: Mapping[str, type],
@@ -518,9 +509,3 @@ def check_prompt(key: str, prompt: str) -> None:
                           f"name goes (e.g. 'a photo of a {{}}.'), and '{{{{' or '}}}}' for a literal brace") from None
     if not fields:
         raise ConfigError(f"{key} {prompt!r} needs a '{{}}' where the class name goes")
-
-
-def clients_per_round(num_clients: int, fraction: float) -> int:
-    """How many clients `fedlrm.seeding.sample_clients` draws per round (the same formula)."""
-    return num_clients if fraction >= 1.0 else max(1, round(fraction * num_clients))
-

@@ -12,10 +12,15 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def clients_per_round(num_clients: int, fraction: float) -> int:
+    """How many clients `sample_clients` draws in a round."""
+    return num_clients if fraction >= 1.0 else max(1, int(round(fraction * num_clients)))
+
+
 def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
     """The clients taking part in a round: at least one, chosen by a per-round seed."""
     if fraction >= 1.0:
         return list(range(num_clients))
-    count = max(1, int(round(fraction * num_clients)))
+    count = clients_per_round(num_clients, fraction)
     rng = np.random.default_rng(derive_seed(seed, "sample", round_index))
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))

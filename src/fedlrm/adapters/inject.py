@@ -26,22 +26,12 @@ def inject_adapters(
     the top (-1 is the last block), so [-4, -3, -2, -1] is the top third of a 12-block
     encoder. Returns the adapted module names (relative to `root`), in model order.
     """
-    linears = [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear) and n]
-    if target_layers and any(i < 0 for i in target_layers):
-        depth = 1 + max((b for n, _ in linears if (b := block_index(n)) is not None), default=-1)
-        target_layers = block_indices(target_layers, depth)
-    chosen = []
-    for name, module in linears:
-        if name.rsplit(".", 1)[-1] not in target_modules:
-            continue
-        if target_layers and block_index(name) not in target_layers:
-            continue
-        chosen.append((name, module))
+    chosen = target_linears(root, target_modules, target_layers)
     if not chosen:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, _ in _linears(root)})
         raise ModelError(
             f"no linear layer of the image encoder matches model.target_modules={list(target_modules)}"
-            + (f" in blocks {list(target_layers)}" if target_layers else "")
+            + (f" in blocks {block_indices(target_layers, encoder_depth(root))}" if target_layers else "")
             + f"; its linear layers end with: {', '.join(suffixes) or '(none)'}"
         )
     for name, module in chosen:
@@ -49,6 +39,28 @@ def inject_adapters(
         parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, child, make(module))
     return [name for name, _ in chosen]
+
+
+def _linears(root: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, nn.Linear) and n]
+
+
+def _depth(linears: list[tuple[str, nn.Linear]]) -> int:
+    return 1 + max((b for n, _ in linears if (b := block_index(n)) is not None), default=-1)
+
+
+def encoder_depth(root: nn.Module) -> int:
+    """The number of transformer blocks under `root`, by its layer names (0: none found)."""
+    return _depth(_linears(root))
+
+
+def target_linears(root: nn.Module, target_modules: list[str],
+                   target_layers: list[int] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The linear layers `inject_adapters` adapts, with their names, in model order."""
+    linears = _linears(root)
+    layers = block_indices(target_layers, _depth(linears)) if target_layers else None
+    return [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in target_modules
+            and (layers is None or block_index(n) in layers)]
 
 
 def block_index(name: str) -> int | None:

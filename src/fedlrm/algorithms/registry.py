@@ -16,6 +16,7 @@ from fedlrm import config as shared
 from fedlrm.algorithms.base import Algorithm
 from fedlrm.config import RunConfig
 from fedlrm.errors import ConfigError
+from fedlrm.seeding import clients_per_round
 
 #: name -> class, in the order `fedlrm compare` runs them
 ALGORITHMS: dict[str, type[Algorithm]] = {}
@@ -73,6 +74,15 @@ def check(cfg: RunConfig) -> None:
     if cfg.algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown algorithm {cfg.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     cfg.check_shared()
+    # Checked now, not after round 1 has trained: a round is aggregated only with
+    # min_clients valid uploads, and at most the sampled clients upload.
+    sampled = clients_per_round(cfg.data.num_clients, cfg.train.client_fraction)
+    if cfg.federation.min_clients > sampled:
+        raise ConfigError(
+            f"federation.min_clients={cfg.federation.min_clients} can never be met: each round samples "
+            f"{sampled} client(s) (train.client_fraction={cfg.train.client_fraction} of "
+            f"data.num_clients={cfg.data.num_clients}); lower federation.min_clients to at most {sampled} "
+            f"or sample more clients")
     for name, cls in ALGORITHMS.items():
         cls.check(cfg.methods[name], cfg)
     if cfg.privacy.secagg and not ALGORITHMS[cfg.algorithm].aggregates_by_mean:

@@ -328,22 +328,17 @@ def check_text_features(backbone: Backbone, class_names: list[str], prompts: lis
 def check_fits(backbone: Backbone, cfg: ModelConfig, rank: int) -> None:
     """Refuse `model.target_layers` beyond the image encoder's blocks and an `adapter.rank`
     wider than an adapted layer, once the backbone is loaded and before anything is built."""
-    from fedlrm.adapters import block_index
+    from fedlrm.adapters.inject import encoder_depth, target_linears
     from fedlrm.errors import ConfigError
 
-    linears = [(n, m) for n, m in backbone.image_encoder.named_modules() if isinstance(m, nn.Linear) and n]
-    depth = 1 + max((b for n, _ in linears if (b := block_index(n)) is not None), default=-1)
+    depth = encoder_depth(backbone.image_encoder)
     if cfg.target_layers and depth > 0:
         outside = [i for i in cfg.target_layers if not -depth <= i < depth]
         if outside:
             raise ConfigError(
                 f"model.target_layers={list(cfg.target_layers)} names block(s) {outside} that {cfg.name} does not "
                 f"have: its image encoder has {depth} blocks, 0..{depth - 1} (or -1..-{depth} from the top)")
-        layers = {i + depth if i < 0 else i for i in cfg.target_layers}
-    else:
-        layers = None
-    targets = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in cfg.target_modules
-               and (layers is None or block_index(n) in layers)]
+    targets = target_linears(backbone.image_encoder, cfg.target_modules, cfg.target_layers)
     too_narrow = [(n, m) for n, m in targets if rank > min(m.in_features, m.out_features)]
     if too_narrow:
         name, m = too_narrow[0]
