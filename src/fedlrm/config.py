@@ -358,18 +358,23 @@ def _relative_to(node: Any, folder: Path) -> Any:
 
     for dotted in _PATH_KEYS:
         value = raw_value(dotted)  # as written: an interpolation is the user's (e.g. a cwd-relative variable)
-        if not isinstance(value, str) or not value or "${" in value or value.startswith(("~", "builtin:")):
+        if not isinstance(value, str) or "${" in value or value.startswith("~") or Path(value).is_absolute():
             continue
-        if Path(value).is_absolute():
-            continue
-        section = dotted.partition(".")[0]
-        source = raw_value("data.source", "builtin")
-        if dotted in ("data.train", "data.test") and source not in ("parquet", "imagefolder"):
-            continue  # a hub id or split name, not a path
-        if section == "model" and not (value.startswith(".") or (folder / value).exists()):
-            continue  # a hub id or an open_clip tag
-        OmegaConf.update(node, dotted, str((folder / value).resolve()), merge=False)
+        if _names_local_path(dotted, value, raw_value("data.source", "builtin"), folder):
+            OmegaConf.update(node, dotted, str((folder / value).resolve()), merge=False)
     return node
+
+
+def _names_local_path(dotted: str, value: Any, source: str, base: Path) -> bool:
+    """Whether `value` of the key `dotted` is a local path (relative ones read against `base`),
+    not a hub id, a split name, an open_clip tag or the built-in model."""
+    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+        return False
+    if dotted in ("data.train", "data.test") and source not in ("parquet", "imagefolder"):
+        return False
+    if dotted.startswith("model."):
+        return value.startswith((".", "~", "/")) or (base / Path(value).expanduser()).exists()
+    return True
 
 
 def absolute_paths(cfg: "RunConfig") -> "RunConfig":
@@ -382,16 +387,10 @@ def absolute_paths(cfg: "RunConfig") -> "RunConfig":
         section, _, key = dotted.rpartition(".")
         owner = get(out, section) if section else out
         value = getattr(owner, key)
-        if not isinstance(value, str) or not value or value.startswith("builtin:"):
-            continue
-        path = Path(value).expanduser()
-        if dotted in ("data.train", "data.test") and out.data.source not in ("parquet", "imagefolder"):
-            continue
-        if section == "model" and not (value.startswith((".", "~", "/")) or path.exists()):
-            continue
-        if value.startswith("~") and dotted == "data.root":
+        if dotted == "data.root" and str(value).startswith("~"):
             continue  # a cache folder in the home of whoever runs it
-        setattr(owner, key, str(path.resolve()))
+        if _names_local_path(dotted, value, out.data.source, Path.cwd()):
+            setattr(owner, key, str(Path(value).expanduser().resolve()))
     return out
 
 
