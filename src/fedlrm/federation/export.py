@@ -292,17 +292,13 @@ def export_merged(folder: str | Path, out: str | Path, base_model: str | None = 
     except ImportError as err:
         raise ModelError(f"merging needs peft: pip install 'fedlrm[peft]' ({err})") from None
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-    from transformers.utils import logging as hf_logging
 
-    from fedlrm.models.backbone import resolve_name
+    from fedlrm.models.backbone import quiet_transformers, resolve_name
 
     if meta["base_model"]["backend"] != "hf":
         raise ModelError(f"{folder}: only transformers CLIP models can be merged")
     name = resolve_name(base_model or _resolve(meta["base_model"]["name"], folder, "model.name"))
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # progress bars and backend notices are noise here
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():  # progress bars and backend notices are noise here
         try:
             with warnings.catch_warnings():  # peft calls transformers' deprecated names; not the user's to fix
                 warnings.simplefilter("ignore", FutureWarning)
@@ -314,9 +310,6 @@ def export_merged(folder: str | Path, out: str | Path, base_model: str | None = 
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
         processor.save_pretrained(out)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
     info = {k: meta[k] for k in ("algorithm", "client", "round", "class_names", "prompt", "config")}
     info["config"] = {**info["config"], "model": {**info["config"]["model"], "name": ".", "pretrained": None}}
     info.update(format=FORMAT, kind=MERGED_KIND, how_to_load=HOW_TO_LOAD,

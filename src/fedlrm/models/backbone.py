@@ -9,8 +9,9 @@ built-in tiny CLIP) and `open_clip`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -217,27 +218,36 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
 
 def _load_hf(name: str) -> HFClipBackbone:
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-    from transformers.utils import logging as hf_logging
 
     looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
     if looks_local and not Path(name).expanduser().is_dir():
         raise ModelError(f"model.name {name!r} looks like a local path but is not a directory")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the PIL-fallback notice for image processors is noise here
-    hf_logging.disable_progress_bar()
     try:
-        model = CLIPModel.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
-        processor = AutoImageProcessor.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+        with quiet_transformers():  # the PIL-fallback notice for image processors is noise here
+            model = CLIPModel.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+            processor = AutoImageProcessor.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
     except OSError as err:
         raise ModelError(
             f"could not load the CLIP model {name!r} with transformers: {str(err).splitlines()[0]}. "
             "Give a local directory saved with save_pretrained, or a hub id on a machine with network access."
         ) from err
+    return HFClipBackbone(model, tokenizer, processor)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' notices and progress bars off for a block, as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    return HFClipBackbone(model, tokenizer, processor)
 
 
 def _load_open_clip(name: str, pretrained: str | None) -> OpenClipBackbone:
