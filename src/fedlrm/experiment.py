@@ -15,12 +15,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedlrm.algorithms import ALGORITHMS, check, load_config
+from fedlrm.algorithms import ALGORITHMS, check
 from fedlrm.config import RunConfig
 from fedlrm.data import load_federated_data
-from fedlrm.errors import ConfigError, FedLRMError
+from fedlrm.errors import ConfigError
+from fedlrm.federation.checkpoint import check_config, verify_checkpoint
 from fedlrm.federation.export import save_personalized
-from fedlrm.federation.rundir import check_run_dir, new_run_dir, write_config
+from fedlrm.federation.rundir import check_run_dir, new_run_dir, read_run_config, write_config
 from fedlrm.federation.server import RunResult
 from fedlrm.federation.simulation import Simulation
 from fedlrm.federation.task import personalize
@@ -49,12 +50,17 @@ def run_experiment(cfg: RunConfig, *, data=None, run_dir: Path | None = None, pr
 
 
 def resume_experiment(run_dir: str | Path, progress: bool = True) -> RunResult:
+    """Continue a run from its last checkpoint. The run directory's config.yaml (read strictly) and
+    checkpoint are checked in full before anything is written (`verify_checkpoint`): a resume that
+    is refused leaves the folder as it was."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FedLRMError(f"{run_dir} is not a run directory (it has no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = read_run_config(run_dir)
+    check_config(run_dir, cfg)  # before the model and data load, which can take long
     sim = Simulation(cfg, progress=progress)
-    result = sim.run(run_dir, resume=True)
+    ckpt = verify_checkpoint(run_dir, cfg, sim.server, range(sim.num_clients))
+    # the verified checkpoint itself, so the round loop neither reads nor checks it again; none
+    # (stopped before round 1 finished): the run starts at round 1
+    result = sim.run(run_dir, resume=ckpt if ckpt is not None else False)
     finish(sim, result, run_dir)
     return result
 

@@ -6,8 +6,8 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from fedlrm.config import RunConfig, absolute_paths, to_yaml
-from fedlrm.errors import FedLRMError
+from fedlrm.config import RunConfig, absolute_paths, to_dict, to_yaml
+from fedlrm.errors import ConfigError, FedLRMError
 
 
 def run_dir_path(cfg: RunConfig, suffix: str = "") -> Path:
@@ -53,3 +53,44 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
     # Local paths absolute: the file is read again from the run directory (resume), where a
     # relative path would resolve against that folder, not where the run was started.
     (run_dir / "config.yaml").write_text(to_yaml(absolute_paths(cfg)))
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The configuration a run directory was started with, read strictly for a resume: a file that
+    does not parse, or lacks a key the run had, is refused rather than filled with defaults (which
+    would resume another run into this one's checkpoint)."""
+    from omegaconf import OmegaConf
+
+    from fedlrm.algorithms import load_config  # the algorithms' sections; they import this package
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FedLRMError(f"{run_dir} is not a run directory (it has no config.yaml); give the folder a run was "
+                          f"started in, which holds its config.yaml and checkpoint/")
+    hint = (f"put back the config.yaml {run_dir} was started with (its checkpoint/manifest.json keeps that "
+            f"configuration under \"config\")")
+    try:
+        cfg = load_config(path)
+        written = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; this is the configuration of the run in {run_dir}: {hint}") from None
+    have = config_leaves(written if isinstance(written, dict) else {})
+    missing = [k for k in config_leaves(to_dict(cfg)) if k not in have]
+    if not have:
+        raise ConfigError(f"{path} is empty, and a resumed run must not take defaults for its settings; {hint}")
+    if missing:
+        raise ConfigError(f"{path} lacks {len(missing)} of the run's settings (e.g. {', '.join(missing[:3])}): it is "
+                          f"cut short or was edited, and a resumed run must not take defaults for them; {hint}")
+    return cfg
+
+
+def config_leaves(tree: dict, prefix: str = "") -> dict:
+    """A configuration tree (as `to_dict` gives it) flat: dotted key -> value."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(config_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

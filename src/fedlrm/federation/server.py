@@ -22,7 +22,7 @@ from fedlrm.algorithms import Algorithm, ServerState, Upload
 from fedlrm.config import RunConfig
 from fedlrm.errors import FedLRMError
 from fedlrm.federation import privacy
-from fedlrm.federation.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedlrm.federation.checkpoint import Checkpoint, canonical_config, save_checkpoint, verify_checkpoint
 from fedlrm.federation.messages import EvalReply, Message, TrainReply, Transport
 from fedlrm.federation.task import ModelBundle, evaluate, personalize
 from fedlrm.federation.validation import (Rejection, expected_upload, norm_outliers, schema_problem,
@@ -122,21 +122,29 @@ class Server:
         return self.algorithm.aggregate(state, uploads, round_index) if uploads else state
 
     # ------------------------------------------------------------------ the round loop
-    def run(self, transport: Transport, run_dir: Path | None = None, resume: bool = False,
+    def run(self, transport: Transport, run_dir: Path | None = None, resume: bool | Checkpoint = False,
             stop_after_round: int | None = None) -> RunResult:
         """Run (or continue) the federation; with a run_dir, checkpoint after every round.
 
-        `stop_after_round` ends the run early as an interruption would (for tests)."""
+        `resume`: True continues from run_dir's checkpoint, verified first (`verify_checkpoint`),
+        or it is the checkpoint a caller verified already. `stop_after_round` ends the run early
+        as an interruption would (for tests)."""
         cfg, algo = self.cfg, self.algorithm
         state = self.initial_state()
         client_rows: list[dict] = []
         round_rows: list[dict] = []
         start = 1 if algo.trains else 0
         last = cfg.train.rounds if algo.trains else 0
-        if resume and run_dir is not None and (ckpt := load_checkpoint(run_dir, algo.Record)) is not None:
-            state, client_rows, round_rows = ckpt.server, ckpt.client_rows, ckpt.round_rows
+        ckpt = resume if isinstance(resume, Checkpoint) else None
+        if resume is True and run_dir is not None:
+            ckpt = verify_checkpoint(run_dir, cfg, self, sorted(transport.private_states()))
+        if ckpt is not None:
+            state, client_rows, round_rows = ckpt.server, list(ckpt.client_rows), list(ckpt.round_rows)
             transport.restore(ckpt.clients)
+            # what the summary and rejected_updates.json count covers the rounds before the resume too
+            self.rejections, self.max_upload_params = list(ckpt.rejections), ckpt.max_upload_params
             start = ckpt.round + 1
+        config = canonical_config(cfg) if run_dir is not None else None  # the checkpoints are bound to it
         if run_dir is not None and privacy.enabled(cfg.privacy):
             privacy.write_privacy_report(run_dir, cfg.privacy, cfg.train.rounds)
         messages: list[Message] = []
@@ -198,7 +206,8 @@ class Server:
             round_row["overhead_share"] = max(0.0, 1.0 - compute / round_row["wall_seconds"])
             round_rows.append(round_row)
             if run_dir is not None:
-                save_checkpoint(run_dir, Checkpoint(r, state, transport.private_states(), client_rows, round_rows))
+                save_checkpoint(run_dir, Checkpoint(r, state, transport.private_states(), client_rows, round_rows,
+                                                    list(self.rejections), self.max_upload_params, config))
                 self.write_rejections(run_dir)
             reporter.round_done(round_row, rows)
             if stop_after_round is not None and r >= stop_after_round:

@@ -27,7 +27,8 @@ from fedlrm.federation.flower.protocol import (INFO, METRICS, STATE, digest, pus
                                               request_fields, unpack_state)
 from fedlrm.federation.flower.secagg import from_arrays, secure_mean
 from fedlrm.federation.messages import EvalReply, TrainReply
-from fedlrm.federation.rundir import new_run_dir, write_config
+from fedlrm.federation.checkpoint import check_config, verify_checkpoint
+from fedlrm.federation.rundir import new_run_dir, read_run_config, write_config
 from fedlrm.federation.server import Server
 from fedlrm.federation.task import build_model, resolve_device
 from fedlrm.federation.wire import decode
@@ -175,9 +176,11 @@ def main(grid: Grid, context: Context) -> None:
     resume = str(rc.get("resume", "") or "")
     if resume:
         run_dir = Path(resume).expanduser()
-        if not (run_dir / "config.yaml").is_file():
-            raise FedLRMError(f"resume={resume} is not a run directory (it has no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = read_run_config(run_dir)  # strictly: a cut or edited file must not resume with defaults
+        check_config(run_dir, cfg)  # before the model loads; verify_checkpoint below checks the rest
+        if not (run_dir / "run_key").is_file():
+            raise FedLRMError(f"resume={resume} has no run_key, so it is not a run of the Flower server app "
+                              f"(an in-process run resumes with `fedlrm run --resume {resume}`)")
         run_key = (run_dir / "run_key").read_text().strip()
     else:
         cfg = load_config(str(rc.get("config-file", "") or "") or None, shlex.split(str(rc.get("overrides", ""))))
@@ -199,9 +202,11 @@ def main(grid: Grid, context: Context) -> None:
         (run_dir / "run_key").write_text(run_key)
     log.info("run directory: %s", run_dir)
     server = Server(cfg, algorithm, bundle, cfg.data.num_clients, global_test, progress=False)
+    # before anything is written or SuperNodes are waited for; clients keep their own private state
+    ckpt = verify_checkpoint(run_dir, cfg, server, ()) if resume else None
     wait_for = int(rc.get("wait-for-clients", 0) or cfg.data.num_clients)
     transport = FlowerTransport(grid, context, cfg, run_key, run_dir, float(rc.get("node-wait-timeout", 120.0)), wait_for)
-    result = server.run(transport, run_dir, resume=bool(resume))
+    result = server.run(transport, run_dir, resume=ckpt if ckpt is not None else False)
     write_run_report(run_dir, result, cfg.algorithm)
     if algorithm.trains:
         algorithm.write_report(run_dir, result.server_state)
