@@ -104,3 +104,19 @@ def tiny_overrides(tiny_clip_dir, tiny_dataset, tmp_path):
         "train.rounds=3", "train.local_epochs=1", "train.batch_size=8", "train.lr=0.01",
         "adapter.rank=4", "fedlrm.local_rank=2", "apfl.local_rank=2", f"output_dir={tmp_path / 'runs'}", "seed=3",
     ]
+
+
+@pytest.fixture
+def round_one(tiny_overrides):
+    """Round 1 of a 4-client fedlrm run, trained but not yet checked: the simulation, the server
+    state, the messages sent and the clients' honest replies."""
+    from fedlrm.algorithms import load_config
+    from fedlrm.federation.simulation import Simulation
+    from fedlrm.federation.wire import encode
+
+    cfg = load_config(None, tiny_overrides + ["algorithm=fedlrm", "data.num_clients=4", "data.shards_per_client=1"])
+    sim = Simulation(cfg, progress=False)
+    state = sim.server.initial_state()
+    sent = {c: encode(sim.algorithm.message_for(state, c, 1)) for c in range(4)}
+    replies = {c: sim.clients[c].train(1, sent[c]) for c in range(4)}
+    return sim, state, sent, replies

@@ -55,6 +55,16 @@ BAD = [
     # accepted silently
     (["federation.max_norm_ratio=nan"], "federation.max_norm_ratio"),
     (["federation.max_norm_ratio=inf"], "federation.max_norm_ratio"),
+    (["federation.max_norm_ratio=0"], "federation.max_norm_ratio"),
+    (["federation.max_weight_share=0.05"], "federation.max_weight_share"),
+    (["federation.max_weight_share=nan"], "federation.max_weight_share"),
+    (["federation.clip_update_norm=nan"], "federation.clip_update_norm"),
+    (["federation.clip_update_norm=0"], "federation.clip_update_norm"),
+    (["federation.aggregator=mode"], "federation.aggregator"),
+    (["federation.aggregator=median", "algorithm=fedpia"], "federation.aggregator"),
+    (["federation.aggregator=krum", "federation.byzantine=1"], "federation.aggregator"),
+    (["federation.trim_fraction=0.5"], "federation.trim_fraction"),
+    (["federation.max_examples=0"], "federation.max_examples"),
     (["privacy.clip=nan"], "privacy.clip"),
     (["privacy.noise_multiplier=nan", "privacy.clip=1.0"], "privacy.noise_multiplier"),
     (["data.test_per_client=0"], "data.test_per_client"),
@@ -105,9 +115,9 @@ def test_the_refused_values_name_what_to_do(capsys, tiny_overrides):
 
 
 def test_valid_edge_values_still_run_far_enough(capsys, tiny_overrides, tmp_path):
-    """The checks refuse the bad values only: 0 turns the norm check and DP off, a prompt may
+    """The checks refuse the bad values only: null turns the norm check off and 0 DP, a prompt may
     use {0}, and a budget equal to the adapted blocks is fine (the config command loads only)."""
-    code, out, err = run_cli(capsys, "config", *tiny_overrides, "federation.max_norm_ratio=0", "privacy.clip=0",
+    code, out, err = run_cli(capsys, "config", *tiny_overrides, "federation.max_norm_ratio=null", "privacy.clip=0",
                              "model.prompt=a {0} in a photo", "data.test_per_client=null", "name=run-1",
                              "train.device=cuda", "algorithm=fedlease", "fedlease.warmup_rounds=2")
     assert code == 0, err

@@ -19,16 +19,6 @@ from fedlrm.federation.simulation import InProcessTransport, Simulation
 from fedlrm.federation.wire import decode, encode
 
 
-@pytest.fixture
-def round_one(tiny_overrides):
-    cfg = load_config(None, tiny_overrides + ["algorithm=fedlrm", "data.num_clients=4", "data.shards_per_client=1"])
-    sim = Simulation(cfg, progress=False)
-    state = sim.server.initial_state()
-    sent = {c: encode(sim.algorithm.message_for(state, c, 1)) for c in range(4)}
-    replies = {c: sim.clients[c].train(1, sent[c]) for c in range(4)}
-    return sim, state, sent, replies
-
-
 def first(upload):
     return next(iter(upload))
 

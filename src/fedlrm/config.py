@@ -28,6 +28,7 @@ from fedlrm.errors import ConfigError
 ASSETS = Path(str(resources.files("fedlrm") / "assets"))
 BUILTIN_MODEL = "builtin:tiny-clip"
 BUILTIN_DATASET_DIR = ASSETS / "cifar10-subset"
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multikrum")
 
 
 @dataclass
@@ -165,16 +166,58 @@ class TrainConfig:
 class FederationConfig:
     min_clients: int = 1  # a round aggregates only if at least this many valid uploads arrived
     round_timeout: Optional[float] = None  # seconds a client may take to answer (Flower runtime); None: wait
-    max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this times the round's median; 0: off
+    # Reject an update whose norm exceeds this times the round's (upper) median norm; null: off.
+    max_norm_ratio: Optional[float] = 10.0
+    # Check each client's claimed training examples against a bound: in-process the server knows
+    # every client's data and the claim must not exceed it; on Flower the bound is max_examples.
+    bound_examples: bool = True
+    max_examples: Optional[int] = None  # the most training examples one client may claim (Flower); null: unknown
+    # The largest share of a round's total weight one client gets (capped and renormalised); null: no cap.
+    max_weight_share: Optional[float] = None
+    # Server-side norm bound: each update (its change to what the client was sent) is scaled down to
+    # at most this L2 norm before aggregation; null: no clipping.
+    clip_update_norm: Optional[float] = None
+    # How the uploads of a method that aggregates by a mean are combined: mean (sample-weighted, the
+    # paper's FedAvg) | median | trimmed_mean (coordinate-wise) | krum | multikrum (Flower's functions).
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1  # trimmed_mean: share of values cut at each end of every coordinate
+    byzantine: int = 1  # krum, multikrum: how many attackers the selection must withstand (f)
+    multikrum_keep: Optional[int] = None  # multikrum: uploads averaged (null: those left after f)
+    # Flower: a file binding each client id to its SuperNode's public key (docs/security.md); a SuperNode
+    # whose key is not its claimed client's gets no message. null: any SuperNode may claim any client.
+    client_keys: Optional[str] = None
 
     def check(self) -> None:
         at_least_one("federation.min_clients", self.min_clients)
         if self.round_timeout is not None:
             finite_positive("federation.round_timeout", self.round_timeout, "seconds, or null to wait")
-        # NaN would compare False with every norm and so turn the check off unnoticed
-        finite_nonnegative("federation.max_norm_ratio", self.max_norm_ratio, "0 turns the check off")
-        if 0 < self.max_norm_ratio <= 1:
-            raise ConfigError(f"federation.max_norm_ratio must be 0 (off) or above 1, got {self.max_norm_ratio}")
+        if self.max_norm_ratio is not None:
+            # NaN would compare False with every norm and 0 would reject all: neither may turn the check off
+            _finite("federation.max_norm_ratio", self.max_norm_ratio, " above 1", "null turns the check off")
+            if self.max_norm_ratio <= 1:
+                raise ConfigError(f"federation.max_norm_ratio must be above 1 (an honest update may be "
+                                  f"somewhat larger than the median), got {self.max_norm_ratio}; "
+                                  f"null turns the check off")
+        if self.max_examples is not None:
+            at_least_one("federation.max_examples", self.max_examples)
+        if self.max_weight_share is not None and not 0 < self.max_weight_share <= 1:  # NaN fails too
+            raise ConfigError(f"federation.max_weight_share must be in (0, 1], got {self.max_weight_share}; "
+                              f"null sets no cap")
+        if self.clip_update_norm is not None:
+            finite_positive("federation.clip_update_norm", self.clip_update_norm, "null turns clipping off")
+        one_of("federation.aggregator", self.aggregator, AGGREGATORS)
+        if not 0 <= self.trim_fraction < 0.5:  # NaN fails too
+            raise ConfigError(f"federation.trim_fraction must be in [0, 0.5) (the share cut at each end), "
+                              f"got {self.trim_fraction}")
+        if self.byzantine < 0:
+            raise ConfigError(f"federation.byzantine must be 0 or more, got {self.byzantine}")
+        if self.multikrum_keep is not None:
+            at_least_one("federation.multikrum_keep", self.multikrum_keep)
+        # the file itself is read where the ServerApp runs (clients check this config too, without it)
+        if self.client_keys is not None and not self.client_keys.strip():
+            raise ConfigError("federation.client_keys is empty; give the path of the file that binds each client "
+                              "id to its SuperNode's public key (docs/security.md), or null to leave SuperNodes "
+                              "unchecked")
 
 
 @dataclass
@@ -343,7 +386,8 @@ def find_config(path_or_name: str | Path) -> Path:
 
 
 #: keys whose values are local paths when they are relative paths in a config file
-_PATH_KEYS = ("output_dir", "data.root", "data.train", "data.test", "model.name", "model.pretrained")
+_PATH_KEYS = ("output_dir", "data.root", "data.train", "data.test", "model.name", "model.pretrained",
+              "federation.client_keys")
 
 
 def _relative_to(node: Any, folder: Path) -> Any:

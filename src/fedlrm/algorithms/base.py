@@ -43,11 +43,13 @@ SHARED_MARK = ".experts.global."
 
 @dataclass
 class Upload:
-    """What one client sent back in a round, and how many training examples stand behind it."""
+    """What one client sent back in a round, and the weight the server gives it in averages."""
 
     client_id: int
     state: State
-    num_examples: int
+    #: the training examples the client claimed, as the server bounded them (federation.max_weight_share
+    #: may make it fractional)
+    num_examples: float
 
 
 @dataclass

@@ -83,12 +83,37 @@ def check(cfg: RunConfig) -> None:
             f"{sampled} client(s) (train.client_fraction={cfg.train.client_fraction} of "
             f"data.num_clients={cfg.data.num_clients}); lower federation.min_clients to at most {sampled} "
             f"or sample more clients")
+    check_defences(cfg, sampled)
     for name, cls in ALGORITHMS.items():
         cls.check(cfg.methods[name], cfg)
     if cfg.privacy.secagg and not ALGORITHMS[cfg.algorithm].aggregates_by_mean:
         raise ConfigError(f"privacy.secagg gives the server only the weighted mean of the uploads, but "
                           f"{cfg.algorithm} needs each upload; use it with "
                           f"{', '.join(a for a, c in ALGORITHMS.items() if c.aggregates_by_mean and c.trains)}")
+
+
+def check_defences(cfg: RunConfig, sampled: int) -> None:
+    """How the server's defences fit the algorithm and the clients a round samples."""
+    fed, method = cfg.federation, ALGORITHMS[cfg.algorithm]
+    if fed.aggregator != "mean":
+        if not method.aggregates_by_mean:
+            raise ConfigError(f"federation.aggregator={fed.aggregator} replaces the mean of the uploads, but "
+                              f"{cfg.algorithm} combines them its own way; use it with "
+                              f"{', '.join(a for a, c in ALGORITHMS.items() if c.aggregates_by_mean and c.trains)}")
+        if cfg.privacy.secagg:
+            raise ConfigError(f"federation.aggregator={fed.aggregator} needs each upload, but privacy.secagg "
+                              f"gives the server only their mean; drop one of them")
+    if fed.aggregator in ("krum", "multikrum") and sampled < 2 * fed.byzantine + 3:
+        raise ConfigError(f"federation.aggregator={fed.aggregator} withstands federation.byzantine="
+                          f"{fed.byzantine} attacker(s) only among at least {2 * fed.byzantine + 3} clients a "
+                          f"round, but each round samples {sampled}; lower federation.byzantine or sample more")
+    if fed.aggregator == "multikrum" and fed.multikrum_keep is not None and fed.multikrum_keep > sampled:
+        raise ConfigError(f"federation.multikrum_keep={fed.multikrum_keep} is more than the {sampled} client(s) "
+                          f"a round samples; keep at most {sampled}")
+    if fed.max_weight_share is not None and fed.max_weight_share * sampled < 1 - 1e-9:
+        raise ConfigError(f"federation.max_weight_share={fed.max_weight_share} cannot hold: the {sampled} "
+                          f"client(s) of a round share the whole weight, so one gets at least 1/{sampled}; "
+                          f"use at least {1 / sampled:.3g} or null")
 
 
 def get_algorithm(cfg: RunConfig) -> Algorithm:

@@ -25,8 +25,9 @@ from fedlrm.federation import privacy
 from fedlrm.federation.checkpoint import Checkpoint, canonical_config, save_checkpoint, verify_checkpoint
 from fedlrm.federation.messages import EvalReply, Message, TrainReply, Transport
 from fedlrm.federation.task import ModelBundle, evaluate, personalize
-from fedlrm.federation.validation import (Rejection, expected_upload, norm_outliers, schema_problem,
-                                          update_norm)
+from fedlrm.federation.robust import capped_weights, clip_update, combine
+from fedlrm.federation.validation import (Rejection, claim_problem, expected_upload, norm_outliers,
+                                          schema_problem, update_norm)
 from fedlrm.federation.wire import decode, encode
 from fedlrm.reporting.tracking import RoundReporter
 from fedlrm.seeding import derive_seed, sample_clients
@@ -52,8 +53,17 @@ class RunResult:
 
 class Server:
     def __init__(self, cfg: RunConfig, algorithm: Algorithm, bundle: ModelBundle, num_clients: int,
-                 global_test=None, progress: bool = True):
+                 global_test=None, progress: bool = True, example_bounds: dict[int, int] | None = None):
+        """`example_bounds`: each client's training examples, where the server knows them (in-process)."""
         self.cfg, self.algorithm, self.bundle = cfg, algorithm, bundle
+        self.example_bounds = example_bounds
+        self.round_norms: dict[int, float] = {}
+        self.round_clipped = 0
+        fed = cfg.federation
+        if algorithm.trains and fed.bound_examples and example_bounds is None and fed.max_examples is None:
+            log.warning("no bound on the training examples a client claims (its weight in every average): "
+                        "set federation.max_examples%s", "" if fed.max_weight_share else
+                        " or cap each client's share with federation.max_weight_share")
         self.num_clients = num_clients
         self.global_test = global_test
         self.progress = progress
@@ -66,7 +76,9 @@ class Server:
 
     # ------------------------------------------------------------------ checks and aggregation
     def accept(self, round_index: int, sent: dict[int, bytes], replies: dict[int, TrainReply]) -> list[Upload]:
-        """The uploads that pass every check; the others are logged and recorded as rejections."""
+        """The uploads that pass every check, with bounded weights and, if set, clipped changes;
+        the others are logged and recorded as rejections."""
+        fed = self.cfg.federation
         candidates, norms = {}, {}
         for c, reply in sorted(replies.items()):
             message = decode(sent[c])
@@ -76,19 +88,38 @@ class Server:
                 self._reject(round_index, c, f"payload cannot be decoded ({err})")
                 continue
             schema = expected_upload(self.bundle, self.algorithm, self.cfg, c, message, round_index)
-            problem = schema_problem(schema, upload)
-            if problem is None and reply.num_examples <= 0:
-                problem = f"claims {reply.num_examples} training examples"
+            problem = schema_problem(schema, upload) or claim_problem(reply.num_examples, self.example_bound(c))
             if problem:
                 self._reject(round_index, c, problem)
                 continue
             trained = schema.keys() - self.algorithm.report_schema(self.bundle.model).keys()
-            norms[c] = update_norm(upload, message, trained)
-            candidates[c] = Upload(c, upload, reply.num_examples)
-        for c, reason in norm_outliers(norms, self.cfg.federation.max_norm_ratio).items():
+            norm = update_norm(upload, message, trained)
+            if trained and norm == 0.0:  # colluding zero uploads must not stand for training
+                self._reject(round_index, c, "the upload is not a change: it returns exactly what it was sent")
+                continue
+            norms[c] = norm
+            candidates[c] = (upload, message, trained, int(reply.num_examples))
+        self.round_norms = norms
+        for c, reason in norm_outliers(norms, fed.max_norm_ratio).items():
             self._reject(round_index, c, reason)
             candidates.pop(c)
-        return list(candidates.values())
+        weights = capped_weights({c: n for c, (_, _, _, n) in candidates.items()}, fed.max_weight_share)
+        uploads, self.round_clipped = [], 0
+        for c, (upload, message, trained, _) in candidates.items():
+            if fed.clip_update_norm is not None:
+                upload, factor = clip_update(upload, message, trained, fed.clip_update_norm)
+                self.round_clipped += factor < 1
+            uploads.append(Upload(c, upload, weights[c]))
+        return uploads
+
+    def example_bound(self, client: int) -> int | None:
+        """The most training examples `client` may claim: what its data holds where the server
+        knows it (in-process), federation.max_examples where set; None: unbounded."""
+        fed = self.cfg.federation
+        if not fed.bound_examples:
+            return None
+        bounds = [b for b in ((self.example_bounds or {}).get(client), fed.max_examples) if b is not None]
+        return min(bounds) if bounds else None
 
     def secure_round(self, transport: Transport, round_index: int, sent: dict[int, bytes]) -> tuple[list[Upload], int]:
         """A round with secure aggregation: the transport returns only the weighted mean of the
@@ -119,6 +150,8 @@ class Server:
                 f"round {round_index}: only {contributors} valid upload(s) arrived, fewer than "
                 f"federation.min_clients={needed}; the last checkpoint keeps the state of round "
                 f"{round_index - 1}. Bring clients back and resume the run, or lower federation.min_clients.")
+        if self.cfg.federation.aggregator != "mean" and len(uploads) > 1:
+            uploads = [combine(uploads, self.cfg.federation)]  # the robust estimate stands in for them
         return self.algorithm.aggregate(state, uploads, round_index) if uploads else state
 
     # ------------------------------------------------------------------ the round loop
@@ -156,6 +189,7 @@ class Server:
             sampled = sample_clients(cfg.seed, r, self.num_clients, cfg.train.client_fraction) if r else []
             sent = {c: encode(algo.message_for(state, c, r)) for c in sampled}
             rejected_before = len(self.rejections)
+            self.round_norms, self.round_clipped = {}, 0
             if cfg.privacy.secagg and sent:
                 uploads, answered = self.secure_round(transport, r, sent)
                 contributors = answered if uploads else 0
@@ -187,6 +221,9 @@ class Server:
             client_rows += rows
             round_row = {"round": r, "clients_sampled": len(sampled), "clients_answered": answered,
                          "clients_rejected": len(self.rejections) - rejected_before,
+                         "clients_clipped": self.round_clipped,
+                         "update_norm_median": float(np.median(list(self.round_norms.values())))
+                         if self.round_norms else None,
                          "bytes_up": bytes_up, "bytes_down": bytes_down,
                          "train_seconds": train_seconds}
             if rows:

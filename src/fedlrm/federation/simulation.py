@@ -69,7 +69,8 @@ class Simulation:
         self.bundle: ModelBundle = build_model(backbone, self.data.class_names, cfg, self.algorithm)
         self.bundle.model.to(device)
         self.num_clients = len(self.data.clients)
-        self.server = Server(cfg, self.algorithm, self.bundle, self.num_clients, self.data.global_test, progress)
+        self.server = Server(cfg, self.algorithm, self.bundle, self.num_clients, self.data.global_test, progress,
+                             example_bounds={c: len(split.train) for c, split in enumerate(self.data.clients)})
         self.clients = [Client(self.bundle, self.algorithm, cfg, c, split) for c, split in enumerate(self.data.clients)]
 
     def run(self, run_dir: Path | None = None, resume: bool = False,

@@ -3,11 +3,13 @@
 A client may be broken (a diverged optimiser gives NaN), out of date (another layout),
 or hostile (a scaled update that drags the average). The server compares each upload
 with what an honest client holding the same message would send: the same keys, shapes
-and dtypes, finite values, and an update norm not far beyond the round's median.
+and dtypes, finite values, an actual change, a believable count of training examples and
+an update norm not far beyond the round's median.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,22 +60,47 @@ def schema_problem(schema: Schema, upload: State) -> str | None:
     return None
 
 
+def change(upload: State, sent: State, keys) -> State:
+    """What a client changed: the upload minus what it was sent (the upload itself for new tensors)."""
+    return {k: upload[k].double() - sent[k].double() if k in sent and sent[k].shape == upload[k].shape
+            else upload[k].double() for k in keys}
+
+
+def norm(state: State) -> float:
+    """L2 norm of all tensors of `state` together."""
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
+
+
 def update_norm(upload: State, sent: State, keys) -> float:
     """L2 norm of the change a client made: to what it was sent, or to zero for new tensors."""
-    total = 0.0
-    for key in keys:
-        value = upload[key].double()
-        if key in sent and sent[key].shape == value.shape:
-            value = value - sent[key].double()
-        total += float(value.pow(2).sum())
-    return total ** 0.5
+    return norm(change(upload, sent, keys))
 
 
-def norm_outliers(norms: dict[int, float], ratio: float) -> dict[int, str]:
-    """Clients whose update norm exceeds `ratio` times the round's median (needs 3 or more)."""
-    if ratio <= 0 or len(norms) < 3:
+def norm_outliers(norms: dict[int, float], ratio: float | None) -> dict[int, str]:
+    """Clients whose update norm exceeds `ratio` times the round's reference (needs 3 or more).
+
+    The reference is the upper median of the norms: it stays an honest client's norm while
+    attackers are fewer than half, so colluders sending tiny or zero changes cannot drag it
+    to zero and have every honest update rejected (uploads without any change are refused
+    before, by `claim_problem`'s caller)."""
+    if ratio is None or len(norms) < 3:
         return {}
-    median = float(torch.tensor(list(norms.values()), dtype=torch.float64).median())
-    limit = ratio * max(median, 1e-12)
-    return {c: f"update norm {n:.4g} exceeds {ratio:g} x the round's median {median:.4g}"
+    ordered = sorted(norms.values())
+    reference = ordered[len(ordered) // 2]
+    limit = ratio * max(reference, 1e-12)
+    return {c: f"update norm {n:.4g} exceeds {ratio:g} x the round's median {reference:.4g}"
             for c, n in norms.items() if n > limit}
+
+
+def claim_problem(claimed, bound: int | None) -> str | None:
+    """Why a claimed count of training examples cannot be taken, or None.
+
+    A client's weight in every average is its claim, so the claim must be a whole number of
+    at least 1 and, where the server knows a bound, within it."""
+    if isinstance(claimed, bool) or not isinstance(claimed, (int, float)):
+        return f"claims {claimed!r} training examples, not a number"
+    if not math.isfinite(claimed) or claimed != int(claimed) or claimed < 1:
+        return f"claims {claimed} training examples; a count is a whole number of at least 1"
+    if bound is not None and claimed > bound:
+        return f"claims {int(claimed)} training examples, more than the {bound} it may have"
+    return None

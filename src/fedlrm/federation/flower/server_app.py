@@ -112,18 +112,31 @@ class FlowerTransport:
     def train(self, round_index: int, messages: dict[int, bytes]) -> dict[int, TrainReply]:
         out = {}
         for c, answer in self.send("train", round_index, messages).items():
-            m = answer.content[METRICS]
-            out[c] = TrainReply(c, unpack_state(answer.content.get(STATE)), int(m["num_examples"]),
-                                m.get("train_loss"), float(m.get("train_seconds", 0.0)),
-                                float(m.get("compute_seconds", 0.0)))
+            try:
+                m = answer.content[METRICS]
+                # the claim as sent (it may be missing, fractional or 1e12): the server's checks judge it
+                out[c] = TrainReply(c, unpack_state(answer.content.get(STATE)), m.get("num_examples"),
+                                    m.get("train_loss"), float(m.get("train_seconds", 0.0)),
+                                    float(m.get("compute_seconds", 0.0)))
+            except Exception as err:  # a reply that is not what a fedlrm client sends is no answer
+                log.warning("round %d: client %d sent a malformed training reply (%s); ignored", round_index, c, err)
         return out
 
     def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]:
         out = {}
         for c, answer in self.send("evaluate", round_index, messages).items():
-            m = answer.content[METRICS]
-            out[c] = EvalReply(c, float(m["accuracy"]), float(m["loss"]), int(m["n_test"]), int(m["n_train"]),
-                               float(m.get("eval_seconds", 0.0)), float(m.get("forward_seconds", 0.0)))
+            try:
+                m = answer.content[METRICS]
+                reply = EvalReply(c, float(m["accuracy"]), float(m["loss"]), int(m["n_test"]), int(m["n_train"]),
+                                  float(m.get("eval_seconds", 0.0)), float(m.get("forward_seconds", 0.0)))
+            except Exception as err:
+                log.warning("round %d: client %d sent a malformed evaluation reply (%s); ignored", round_index, c, err)
+                continue
+            if not 0 <= reply.accuracy <= 1 or reply.n_test < 1:
+                log.warning("round %d: client %d reports accuracy %s on %s test images; ignored", round_index, c,
+                            reply.accuracy, reply.n_test)
+                continue
+            out[c] = reply
         return out
 
     def secure_train(self, round_index: int, messages: dict[int, bytes], schema):
