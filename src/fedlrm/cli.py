@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "per client on 127.0.0.1, stopped when the run ends")
     _config_args(flower)
     flower.add_argument("--tls", action="store_true", help="serve the SuperLink over TLS (test certificates)")
-    flower.add_argument("--auth", action="store_true", help="authenticate SuperNodes (implies --tls)")
+    flower.add_argument("--auth", action="store_true", help="authenticate SuperNodes (implies --tls) and bind each "
+                        "client to its SuperNode's key (federation.client_keys, written to the work dir)")
     flower.add_argument("--work-dir", help="where the deployment keeps logs, keys and client state "
                                            "(default: a new temporary folder)")
     flower.add_argument("--timeout", type=float, default=24 * 3600, help="give up on the run after this many s")
@@ -179,6 +180,9 @@ def cmd_flower(args) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedlrm-flower-")).resolve()
     config_file = work / "fedlrm.yaml"
     work.mkdir(parents=True, exist_ok=True)
+    keys_file = work / "client_keys"
+    if args.auth:  # the deployment's own SuperNodes, with keys made below: a client's messages go to its key only
+        cfg.federation.client_keys = str(keys_file)
     config_file.write_text(to_yaml(cfg))
     n = cfg.data.num_clients
     nodes = [{"partition-id": i, "num-partitions": n, "state-dir": str(work / f"client{i}")} for i in range(n)]
@@ -187,6 +191,8 @@ def cmd_flower(args) -> int:
     start = time.perf_counter()
     print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'deployment' / 'logs'})", flush=True)
     with LocalDeployment(work / "deployment", n, nodes, tls=args.tls or args.auth, auth=args.auth) as dep:
+        if args.auth:
+            dep.write_client_keys(keys_file)
         result = dep.run(app, {"config-file": str(config_file)}, timeout=args.timeout, poll=5.0)
     print(result.logs[-4000:] if not result.ok else "", end="")
     if not result.ok:

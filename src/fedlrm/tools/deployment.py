@@ -23,7 +23,10 @@ How Flower 1.41 is driven (verified with flwr 1.41.0):
   its own process group, which starts one ``flwr-clientapp`` process per message.
 * SuperNode auth: the SuperLink runs with ``--enable-supernode-auth`` and each SuperNode's
   EC (NIST curve) public key in OpenSSH format is registered *before* the SuperNode
-  connects with ``flwr supernode register KEY.pub CONNECTION`` (Control API).
+  connects with ``flwr supernode register KEY.pub CONNECTION`` (Control API). Anyone who
+  reaches that API may register a key (docs/security.md); :meth:`LocalDeployment.write_client_keys`
+  writes the file that binds each client id to its SuperNode's key (``federation.client_keys``),
+  with which the fedlrm ServerApp refuses SuperNodes whose key is not their claimed client's.
 * The CLI reads SuperLink connections from ``$FLWR_HOME/config.toml``
   (``[superlink] default = NAME`` and ``[superlink.NAME] address/insecure/
   root-certificates``). Every process started here gets its own ``FLWR_HOME`` inside the
@@ -79,6 +82,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlrm.federation.flower.identity import write_client_keys
 from fedlrm.tools.certs import AuthKeyPaths, TlsPaths, generate_supernode_keys, generate_tls_certs
 from fedlrm.tools.processes import descendants, environ_has, kill_group, pid_alive, proc_table, signal_pids
 
@@ -205,7 +209,8 @@ class LocalDeployment:
         ``{"partition-id": i, "num-partitions": num_supernodes}``.
     tls : serve the SuperLink over HTTPS (a test CA and server certificate are generated).
     auth : SuperNode authentication (requires ``tls``): keys are generated per node and
-        registered with ``flwr supernode register`` before each SuperNode starts.
+        registered with ``flwr supernode register`` before each SuperNode starts;
+        :meth:`write_client_keys` binds each SuperNode's client id to its key for the ServerApp.
     superexec_poll_interval : sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (s, default 1.0
         in Flower) - how often SuperExec asks for new ServerApp/ClientApp tasks.
 
@@ -517,13 +522,41 @@ class LocalDeployment:
         raise DeploymentError(f"{proc.name} not healthy after {self.startup_timeout}s")
 
     # SuperNodes -----------------------------------------------------------------
-    def _register(self, i: int) -> None:
-        if i in self._registered:
-            return
+    def _keys(self, i: int) -> AuthKeyPaths:
         keys = self.auth_keys[i]
         if keys is None:
             keys = generate_supernode_keys(self.work_dir / "keys", f"supernode-{i}")
             self.auth_keys[i] = keys
+        return keys
+
+    def client_of(self, i: int) -> int | None:
+        """The fedlrm client SuperNode ``i`` serves: its node config's ``partition-id`` or ``client-id``."""
+        cfg = self.node_configs[i]
+        key = next((k for k in ("partition-id", "client-id") if k in cfg), None)
+        return None if key is None else int(cfg[key])
+
+    def write_client_keys(self, path: str | os.PathLike[str]) -> Path:
+        """Write the keys file of ``federation.client_keys`` (docs/security.md): each SuperNode's client
+        id with the SuperNode's public key (generated now if :meth:`start` has not yet). Needs ``auth``."""
+        if not self.auth:
+            raise DeploymentError("client keys need SuperNode authentication (auth=True): without it the "
+                                  "SuperNodes have no keys of their own")
+        clients = {}
+        for i in range(self.num_supernodes):
+            client = self.client_of(i)
+            if client is None:
+                raise DeploymentError(f"supernode-{i}'s node config {self.node_configs[i]} names no "
+                                      f"partition-id or client-id, so no client can be bound to its key")
+            if client in clients:
+                raise DeploymentError(f"supernode-{clients[client][0]} and supernode-{i} both serve client "
+                                      f"{client}; a client is bound to one SuperNode's key")
+            clients[client] = (i, self._keys(i).public_key)
+        return write_client_keys(path, {c: pub for c, (_, pub) in clients.items()})
+
+    def _register(self, i: int) -> None:
+        if i in self._registered:
+            return
+        keys = self._keys(i)
         data = self.flwr_json("supernode", "register", str(keys.public_key), CONNECTION_NAME)
         self.node_ids[i] = int(data["node-id"])
         self._registered.add(i)

@@ -87,7 +87,9 @@ def train_for_secure_aggregation(message: Message, context: Context) -> Message:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Which client (partition) this SuperNode is: asked by the server before it sends work."""
+    """Which client (partition) this SuperNode is: asked by the server before it sends work. With
+    federation.client_keys the server believes it only if the SuperLink holds that client's key for
+    this node (identity.py), so the answer needs no proof of its own."""
     return reply(message, client=client_id_of(context.node_config))
 
 

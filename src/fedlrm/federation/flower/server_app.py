@@ -14,6 +14,7 @@ import logging
 import shlex
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -23,6 +24,7 @@ from fedlrm.algorithms import get_algorithm, load_config
 from fedlrm.config import RunConfig
 from fedlrm.data import load_federated_data
 from fedlrm.errors import FedLRMError
+from fedlrm.federation.flower.identity import ClientKeys, Verdict, judge, read_client_keys
 from fedlrm.federation.flower.protocol import (INFO, METRICS, STATE, digest, push_and_pull, request,
                                               request_fields, unpack_state)
 from fedlrm.federation.flower.secagg import from_arrays, secure_mean
@@ -49,24 +51,75 @@ class FlowerTransport:
         self.grid, self.context, self.cfg, self.run_key = grid, context, cfg, run_key
         self.timeout = cfg.federation.round_timeout or DEFAULT_ROUND_TIMEOUT
         self.client_of_node: dict[int, int] = {}
+        self.refused: dict[int, Verdict] = {}  # node id -> why it serves no client (while it stays online)
+        self.rejections_path = run_dir / "identity_rejections.jsonl"
+        self.client_keys = self.load_client_keys()
         self.log_path = run_dir / "messages.jsonl"
         self.last_round = cfg.train.rounds
         self.wait_for_nodes(node_wait, wait_for)
 
     # ----- which SuperNode serves which client
-    def nodes(self) -> dict[int, int]:
-        """client -> node id of the SuperNodes connected now; new nodes are asked who they are."""
-        live = set(self.grid.get_node_ids())
+    def load_client_keys(self) -> ClientKeys | None:
+        """The client -> SuperNode key binding of federation.client_keys (identity.py), or None."""
+        path = self.cfg.federation.client_keys
+        if not path:
+            log.warning("federation.client_keys is not set: SuperNodes are not checked against their keys, so any "
+                        "SuperNode that joins the SuperLink and says it serves a client gets that client's "
+                        "messages (docs/security.md)")
+            return None
+        keys = read_client_keys(path)
+        missing = sorted(set(range(self.cfg.data.num_clients)) - set(keys.keys))
+        log.info("SuperNodes are checked against the keys in %s", keys.path)
+        if missing:
+            log.warning("%s gives no key for client(s) %s: no SuperNode can serve them in this run", keys.path, missing)
+        return keys
+
+    def nodes(self, round_index: int | None = None) -> dict[int, int]:
+        """client -> node id of the SuperNodes connected now; new nodes are asked who they are.
+
+        With federation.client_keys a node is bound to the client it claims only if the SuperLink
+        holds that client's key for it; a refused node gets no message, and is asked again only
+        after it went offline (restarted, perhaps with its node config fixed). `round_index`: the
+        round being sent, for the record (None: while waiting for SuperNodes).
+        """
+        if self.client_keys is not None:  # the online nodes with the keys they registered (NodeInfo.public_key)
+            node_keys = {int(n.node_id): bytes(n.public_key) for n in self.grid.get_nodes()}
+        else:
+            node_keys = dict.fromkeys(self.grid.get_node_ids())
+        live = set(node_keys)
         self.client_of_node = {n: c for n, c in self.client_of_node.items() if n in live}
-        unknown = sorted(live - set(self.client_of_node))
+        self.refused = {n: v for n, v in self.refused.items() if n in live}
+        unknown = sorted(live - set(self.client_of_node) - set(self.refused))
         if unknown:
             probes = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            answered: set[int] = set()
             for answer in push_and_pull(self.grid, probes, min(self.timeout, 60.0), POLL_SECONDS):
+                node = answer.metadata.src_node_id
+                if node not in unknown or node in answered:
+                    continue  # not asked now
+                answered.add(node)
+                error, record = None, None
                 if answer.has_error():
-                    log.warning("SuperNode %d did not say which client it is: %s", answer.metadata.src_node_id,
-                                answer.error.reason)
-                    continue
-                self.client_of_node[answer.metadata.src_node_id] = int(answer.content[METRICS]["client"])
+                    error = str(answer.error.reason)
+                else:
+                    try:
+                        record = answer.content.get(METRICS)
+                    except Exception:  # whatever a node sends must not end the run
+                        record = None
+                verdict = judge(node, node_keys.get(node), record, self.cfg.data.num_clients, self.client_keys, error)
+                if verdict.ok:
+                    self.client_of_node[node] = verdict.client
+                    if self.client_keys is not None:
+                        log.info("SuperNode %d serves client %d (its key %s is the client's)", node, verdict.client,
+                                 verdict.key)
+                elif error is not None and not self.stranger(node_keys.get(node)):
+                    log.warning("SuperNode %d did not say which client it is: %s", node, error)  # asked again later
+                else:
+                    self.refuse(verdict, round_index)
+            for node in sorted(set(unknown) - answered):
+                if self.stranger(node_keys.get(node)):  # refused at once, so that it cannot stall each round
+                    self.refuse(judge(node, node_keys.get(node), None, self.cfg.data.num_clients, self.client_keys,
+                                      "no answer in time"), round_index)
         clients: dict[int, int] = {}
         for node, client in self.client_of_node.items():  # in order of discovery: the newest node wins
             if client in clients:
@@ -74,6 +127,22 @@ class FlowerTransport:
                          client, node)
             clients[client] = node
         return clients
+
+    def stranger(self, node_key: bytes | None) -> bool:
+        """Whether the keys file gives this node's key to no client (False when keys are unchecked)."""
+        return self.client_keys is not None and self.client_keys.owner(node_key) is None
+
+    def refuse(self, verdict: Verdict, round_index: int | None) -> None:
+        """Keep a node out of the client map; say so in the log and in RUN_DIR/identity_rejections.jsonl."""
+        self.refused[verdict.node] = verdict
+        when = "while waiting for SuperNodes" if round_index is None else f"round {round_index}"
+        claimed = "no client" if verdict.claimed is None else f"client {verdict.claimed}"
+        log.warning("%s: SuperNode %d claims %s and is refused: %s; it gets no message of this run", when,
+                    verdict.node, claimed, verdict.reason)
+        row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "round": round_index,
+               "node": verdict.node, "claimed_client": verdict.claimed, "reason": verdict.reason, "key": verdict.key}
+        with self.rejections_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def wait_for_nodes(self, seconds: float, count: int) -> None:
         deadline = time.monotonic() + seconds
@@ -84,7 +153,7 @@ class FlowerTransport:
 
     # ----- messaging
     def send(self, kind: str, round_index: int, payloads: dict[int, bytes]) -> dict[int, Message]:
-        clients = self.nodes()
+        clients = self.nodes(round_index)
         absent = sorted(set(payloads) - set(clients))
         if absent:
             log.warning("round %d: no SuperNode serves client(s) %s now", round_index, absent)
@@ -141,7 +210,7 @@ class FlowerTransport:
 
     def secure_train(self, round_index: int, messages: dict[int, bytes], schema):
         """Training whose uploads reach the server only as their SecAgg+ weighted mean."""
-        clients = self.nodes()
+        clients = self.nodes(round_index)
         configs = {clients[c]: {**request_fields(round_index=round_index, client=c, run_key=self.run_key,
                                                  cfg=self.cfg), "payload": payload}
                    for c, payload in messages.items() if c in clients}
