@@ -57,6 +57,11 @@ ALGORITHMS = ("fedavg", "fedlrm")
 ATTACKERS = (1, 3)
 
 
+def honest_mean(accuracy: dict[int, float], attackers) -> float:
+    """Mean final accuracy of the clients that do not attack (the same clients in every row)."""
+    return statistics.mean(a for c, a in accuracy.items() if c not in attackers)
+
+
 def grid(spec: dict) -> dict:
     """In a child: every (attack, defence) cell of one algorithm and one number of attackers."""
     import torch
@@ -80,10 +85,10 @@ def grid(spec: dict) -> dict:
             transport = AttackingTransport(transport, attackers, attack, seed=cfg.seed)
         result = sim.server.run(transport)
         final = result.round_rows[-1]["round"]
-        honest = [row["accuracy"] for row in result.client_rows
-                  if row["round"] == final and (attack == "honest" or row["client"] not in attackers)]
+        accuracy = {row["client"]: row["accuracy"] for row in result.client_rows if row["round"] == final}
         norms = [row["update_norm_median"] for row in result.round_rows if row.get("update_norm_median")]
-        cells.append({"attack": attack, "defence": defence, "honest_client_accuracy": statistics.mean(honest),
+        cells.append({"attack": attack, "defence": defence, "client_accuracy": accuracy,
+                      "honest_client_accuracy": honest_mean(accuracy, attackers),
                       "global_accuracy": result.summary["global_accuracy"],
                       "rejected": result.summary["rejected_updates"],
                       "clipped": sum(row.get("clients_clipped", 0) for row in result.round_rows),
@@ -139,17 +144,27 @@ def main() -> None:
     report.heading("What attackers do, against each defence")
     report.text(f"`python benchmarks/attacks.py{' --quick' if args.quick else ''}`: built-in default data and "
                 f"model, 10 clients, {' '.join(base)}; attackers are clients 0 (1 attacker) or 0-2 (3). A cell "
-                f"is the final mean accuracy of the honest clients / the global model's accuracy, in %; the "
-                f"first row is the honest run with the same defence. Clip bounds (the honest run's median "
+                f"is the final mean accuracy of the clients that do not attack (clients 1-9, or 3-9) / the global "
+                f"model's accuracy, in %; the first row is the honest run with the same defence, over the same "
+                f"clients. Clip bounds (the honest run's median "
                 f"update norm): " + ", ".join(f"{a} {clip[a]:.3g}" for a in ALGORITHMS) + ".")
     table = {}
     for a in ALGORITHMS:
         for k in ATTACKERS:
-            cells = {(c["attack"], c["defence"]): c for c in honest[a]["cells"] + attacked[(a, k)]["cells"]}
+            # the honest run's mean over the same clients as the attacked rows: those that do not attack
+            baseline = [{**c, "honest_client_accuracy": honest_mean({int(i): x for i, x in c["client_accuracy"].items()},
+                                                                    range(k))} for c in honest[a]["cells"]]
+            cells = {(c["attack"], c["defence"]): c for c in baseline + attacked[(a, k)]["cells"]}
             rows = []
             for x in ["honest", *attacks]:
                 rows.append([x] + [f"{fmt(100 * cells[(x, d)]['honest_client_accuracy'])} / "
                                    f"{fmt(100 * cells[(x, d)]['global_accuracy'])}" for d in defences])
+            drops = []
+            for d in defences:
+                worst = max(attacks, key=lambda x: cells[("honest", d)]["honest_client_accuracy"]
+                            - cells[(x, d)]["honest_client_accuracy"])
+                drops.append(f"{fmt(100 * (cells[('honest', d)]['honest_client_accuracy'] - cells[(worst, d)]['honest_client_accuracy']))} ({worst})")
+            rows.append(["worst drop, points (attack)"] + drops)
             report.heading(f"{a}, {k} of 10 clients attacking")
             report.table(["attack"] + defences, rows)
             table[f"{a}/{k}"] = [cells[key] for key in sorted(cells)]

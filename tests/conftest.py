@@ -120,3 +120,15 @@ def round_one(tiny_overrides):
     sent = {c: encode(sim.algorithm.message_for(state, c, 1)) for c in range(4)}
     replies = {c: sim.clients[c].train(1, sent[c]) for c in range(4)}
     return sim, state, sent, replies
+
+
+@pytest.fixture
+def cli_logging():
+    """Undo what `fedlrm.cli.main` sets up on the fedlrm logger, so later tests see it as before."""
+    import logging
+
+    logger = logging.getLogger("fedlrm")
+    level, handlers = logger.level, list(logger.handlers)
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)

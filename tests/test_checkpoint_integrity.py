@@ -312,15 +312,6 @@ def test_the_cli_exits_2_with_the_reason_on_stderr(run_dir, capsys, cli_logging)
     assert snapshot(run_dir) == before
 
 
-@pytest.fixture
-def cli_logging():
-    logger = logging.getLogger("fedlrm")
-    level, handlers = logger.level, list(logger.handlers)
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
 @pytest.mark.parametrize("corrupt,message", [
     (lambda d: flip_bit(ckpt(d) / "global.safetensors"), r"global\.safetensors has changed since"),
     (lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("\nseed: 3\n", "\nseed: 4\n")),

@@ -22,16 +22,6 @@ def round_lines(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "fedlrm.rounds"]
 
 
-@pytest.fixture
-def cli_logging():
-    """Undo what `fedlrm.cli.main` sets up on the fedlrm logger, so later tests see it as before."""
-    logger = logging.getLogger("fedlrm")
-    level, handlers = logger.level, list(logger.handlers)
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
 # ---------------------------------------------------------------- a line per round
 @pytest.mark.parametrize("progress", [False, True])
 def test_a_line_per_round_with_and_without_progress_bars(tiny_overrides, caplog, progress):
