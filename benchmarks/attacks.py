@@ -5,7 +5,7 @@ with 3 of the 10 clients attacking, every attack of `fedlrm.federation.attacks` 
 example counts, the takeover, sign flips and noise scaled just under the outlier bound,
 colluding zero uploads, label-flipped local data) meets every defence:
 
-  none       no check beyond the upload's form (claims trusted, no outlier test)
+  none       no check beyond the upload's form and that it is a change (claims trusted, no outlier test)
   counts     claims bounded by the client's data, a client's share of a round capped at 0.2
   outlier    the norm outlier test (federation.max_norm_ratio=10, upper-median reference)
   clip       server-side norm clipping at the honest run's median update norm
@@ -19,7 +19,7 @@ global model's accuracy on the whole test split, beside the honest run with the 
 defence. Accuracy does not depend on the machine's load, so runs go two at a time (each
 on one thread).
 
-    python benchmarks/attacks.py              # the whole grid (about 25 min on 2 cores)
+    python benchmarks/attacks.py              # the whole grid (27 min on 2 cores)
     python benchmarks/attacks.py --quick      # 2 rounds, 1 attack, 3 defences: a smoke run
 """
 
