@@ -316,6 +316,25 @@ def test_a_genuine_node_whose_query_failed_is_asked_again(task_identity, tmp_pat
     assert rejections(tmp_path) == []
 
 
+def test_a_node_that_answers_its_query_late_is_bound_by_that_answer_not_asked_forever(task_identity, tmp_path):
+    """A node busy with a message of a run that ended answers each query after the server stopped
+    waiting: its late answer must still count, or it is asked again every round and never heard."""
+    grid = FakeGrid()
+    late: list[Message] = []
+
+    def busy(message):  # no answer while the server waits; it comes later
+        late.append(message)
+
+    grid.online = {41: (b"", busy), 42: (b"", node_answering(1.0))}
+    t = transport(grid, tmp_path)
+    assert t.nodes() == {1: 42}
+    queries = len(grid.sent_to(41, MessageType.QUERY))
+    content = node_answering(0.0)(late[0])
+    grid.replies[late[0].metadata.message_id] = Message(content, reply_to=late[0])
+    assert t.nodes() == {0: 41, 1: 42}
+    assert len(grid.sent_to(41, MessageType.QUERY)) == queries == 1  # waited for, not asked again
+
+
 def test_without_keys_claims_are_taken_as_before_but_garbage_does_not_end_the_run(task_identity, tmp_path, keys,
                                                                                  caplog):
     grid = FakeGrid()

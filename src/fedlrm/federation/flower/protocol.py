@@ -68,7 +68,12 @@ def digest(payload: bytes) -> str:
 def push_and_pull(grid, messages: list[Message], timeout: float | None, poll: float = 0.2) -> list[Message]:
     """Push messages and pull replies every `poll` s until all came back or `timeout` s passed
     (None: until all). Flower's `Grid.send_and_receive` does the same but waits 3 s per pull."""
-    pending = {m for m in grid.push_messages(list(messages)) if m}
+    return pull_replies(grid, {m for m in grid.push_messages(list(messages)) if m}, timeout, poll)
+
+
+def pull_replies(grid, message_ids: set[str], timeout: float | None, poll: float = 0.2) -> list[Message]:
+    """The replies to `message_ids` (pushed now or earlier) that arrive within `timeout` s."""
+    pending = set(message_ids)
     replies: list[Message] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     while pending and (deadline is None or time.monotonic() < deadline):

@@ -25,7 +25,7 @@ from fedlrm.config import RunConfig
 from fedlrm.data import load_federated_data
 from fedlrm.errors import FedLRMError
 from fedlrm.federation.flower.identity import ClientKeys, Verdict, judge, read_client_keys
-from fedlrm.federation.flower.protocol import (INFO, METRICS, STATE, digest, push_and_pull, request,
+from fedlrm.federation.flower.protocol import (INFO, METRICS, STATE, digest, pull_replies, push_and_pull, request,
                                               request_fields, unpack_state)
 from fedlrm.federation.flower.secagg import from_arrays, secure_mean
 from fedlrm.federation.messages import EvalReply, TrainReply
@@ -41,6 +41,8 @@ app = ServerApp()
 log = logging.getLogger("fedlrm.server")
 DEFAULT_ROUND_TIMEOUT = 3600.0  # seconds; a dead SuperNode must not stall a run forever
 POLL_SECONDS = 0.2
+REPROBE_SECONDS = 120.0  # a node that has not answered its query for this long is asked again
+PROBE_LIFETIME = 3600.0  # after this an unanswered query is given up
 
 
 class FlowerTransport:
@@ -51,6 +53,7 @@ class FlowerTransport:
         self.grid, self.context, self.cfg, self.run_key = grid, context, cfg, run_key
         self.timeout = cfg.federation.round_timeout or DEFAULT_ROUND_TIMEOUT
         self.client_of_node: dict[int, int] = {}
+        self.probes: dict[int, list[tuple[str, float]]] = {}  # node id -> its unanswered queries (id, sent)
         self.refused: dict[int, Verdict] = {}  # node id -> why it serves no client (while it stays online)
         self.rejections_path = run_dir / "identity_rejections.jsonl"
         self.client_keys = self.load_client_keys()
@@ -90,14 +93,26 @@ class FlowerTransport:
         self.client_of_node = {n: c for n, c in self.client_of_node.items() if n in live}
         self.refused = {n: v for n, v in self.refused.items() if n in live}
         unknown = sorted(live - set(self.client_of_node) - set(self.refused))
+        # A node that answers late (busy with a message of a run that ended, on a loaded host)
+        # answers an earlier query: those stay pending, so a late answer still counts instead
+        # of the node being asked again every round and never being heard in time.
+        now = time.monotonic()
+        self.probes = {n: [(m, t) for m, t in asked if now - t < PROBE_LIFETIME]
+                       for n, asked in self.probes.items() if n in unknown}
+        ask = [n for n in unknown if not self.probes.get(n) or now - self.probes[n][-1][1] > REPROBE_SECONDS]
         if unknown:
-            probes = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            probes = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in ask]
+            for n, message_id in zip(ask, self.grid.push_messages(probes)):
+                if message_id:
+                    self.probes.setdefault(n, []).append((message_id, now))
+            asked = {m: n for n, pending in self.probes.items() for m, _ in pending}
             answered: set[int] = set()
-            for answer in push_and_pull(self.grid, probes, min(self.timeout, 60.0), POLL_SECONDS):
-                node = answer.metadata.src_node_id
-                if node not in unknown or node in answered:
-                    continue  # not asked now
+            for answer in pull_replies(self.grid, set(asked), min(self.timeout, 60.0), POLL_SECONDS):
+                node = asked.get(answer.metadata.reply_to_message_id)
+                if node is None or node != answer.metadata.src_node_id or node in answered:
+                    continue  # not an answer to a query of ours, or not from the node asked
                 answered.add(node)
+                self.probes.pop(node, None)
                 error, record = None, None
                 if answer.has_error():
                     error = str(answer.error.reason)
