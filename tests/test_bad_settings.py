@@ -65,6 +65,8 @@ BAD = [
     (["federation.aggregator=krum", "federation.byzantine=1"], "federation.aggregator"),
     (["federation.trim_fraction=0.5"], "federation.trim_fraction"),
     (["federation.max_examples=0"], "federation.max_examples"),
+    (["train.eval_fraction=0"], "train.eval_fraction"),
+    (["train.eval_fraction=nan"], "train.eval_fraction"),
     (["privacy.clip=nan"], "privacy.clip"),
     (["privacy.noise_multiplier=nan", "privacy.clip=1.0"], "privacy.noise_multiplier"),
     (["data.test_per_client=0"], "data.test_per_client"),

@@ -74,3 +74,19 @@ def test_a_method_record_survives_the_checkpoint(tmp_path):
     assert torch.equal(got.examples, record.examples) and got.assignment is None and got.distances is None
     assert list(got.warmup) == [3, 0] and torch.equal(got.warmup[3]["l.experts.local.A"], warmup[3]["l.experts.local.A"])
     assert got.silhouette == [(2, 0.25), (3, -0.5)]
+
+
+def test_a_sampled_fraction_of_clients_is_evaluated_and_every_client_in_the_last_round(tiny_overrides):
+    from fedlrm.federation.simulation import Simulation
+    from fedlrm.seeding import sample_clients
+
+    cfg = load_config(None, tiny_overrides + ["algorithm=fedavg", "data.num_clients=4", "data.shards_per_client=1",
+                                              "train.rounds=3", "train.eval_fraction=0.5"])
+    result = Simulation(cfg, progress=False).run()
+    evaluated = {r: sorted(row["client"] for row in result.client_rows if row["round"] == r) for r in (1, 2, 3)}
+    assert evaluated[3] == [0, 1, 2, 3]
+    for r in (1, 2):
+        assert evaluated[r] == sample_clients(cfg.seed, r, 4, 0.5, "evaluate") and len(evaluated[r]) == 2
+    assert sorted(result.summary["per_client_accuracy"]) == [0, 1, 2, 3]
+    # the training sample is drawn as before (a different stream)
+    assert sample_clients(cfg.seed, 1, 4, 0.5) == sample_clients(cfg.seed, 1, 4, 0.5, "sample")

@@ -127,6 +127,9 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (over the whole run) | constant
     client_fraction: float = 1.0
     eval_every: int = 1
+    # Share of the clients evaluated in a round before the last (a seeded sample per round, drawn
+    # apart from the training sample); every client is evaluated in the last round.
+    eval_fraction: float = 1.0
     eval_batch_size: int = 256
     threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, mps
@@ -153,6 +156,8 @@ class TrainConfig:
         finite_nonnegative("train.weight_decay", self.weight_decay)
         if not 0 < self.client_fraction <= 1:  # NaN fails this too
             raise ConfigError(f"train.client_fraction must be in (0, 1], got {self.client_fraction}")
+        if not 0 < self.eval_fraction <= 1:  # NaN fails this too
+            raise ConfigError(f"train.eval_fraction must be in (0, 1], got {self.eval_fraction}")
         if self.threads is not None:
             at_least_one("train.threads", self.threads)
         # The form only: whether the device exists is asked where the run happens

@@ -17,10 +17,12 @@ def clients_per_round(num_clients: int, fraction: float) -> int:
     return num_clients if fraction >= 1.0 else max(1, int(round(fraction * num_clients)))
 
 
-def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float) -> list[int]:
-    """The clients taking part in a round: at least one, chosen by a per-round seed."""
+def sample_clients(seed: int, round_index: int, num_clients: int, fraction: float,
+                   purpose: str = "sample") -> list[int]:
+    """The clients taking part in a round: at least one, chosen by a per-round seed
+    (`purpose` keeps the draws of training and of evaluation apart)."""
     if fraction >= 1.0:
         return list(range(num_clients))
     count = clients_per_round(num_clients, fraction)
-    rng = np.random.default_rng(derive_seed(seed, "sample", round_index))
+    rng = np.random.default_rng(derive_seed(seed, purpose, round_index))
     return sorted(int(c) for c in rng.choice(num_clients, size=count, replace=False))

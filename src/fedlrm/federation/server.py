@@ -215,8 +215,10 @@ class Server:
             train_seconds = time.perf_counter() - t0
             rows = []
             if r == last or r % cfg.train.eval_every == 0:
-                evals = transport.evaluate(r, {c: encode(algo.message_for(state, c, r))
-                                               for c in range(self.num_clients)})
+                # every client in the last round; before, a sample, so a round costs what it samples
+                evaluated = (range(self.num_clients) if r == last else
+                             sample_clients(cfg.seed, r, self.num_clients, cfg.train.eval_fraction, "evaluate"))
+                evals = transport.evaluate(r, {c: encode(algo.message_for(state, c, r)) for c in evaluated})
                 rows = self._client_rows(r, evals, sent, replies)
             client_rows += rows
             round_row = {"round": r, "clients_sampled": len(sampled), "clients_answered": answered,
