@@ -28,7 +28,7 @@ import torch
 from fedlrm.federation.client import Client
 from fedlrm.federation.messages import TrainReply
 from fedlrm.federation.simulation import InProcessTransport
-from fedlrm.federation.validation import change, norm
+from fedlrm.federation.updates import change, norm
 from fedlrm.federation.wire import decode, encode
 from fedlrm.seeding import derive_seed
 

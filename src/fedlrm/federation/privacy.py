@@ -29,6 +29,7 @@ import torch
 
 from fedlrm.algorithms import State
 from fedlrm.config import PrivacyConfig
+from fedlrm.federation.updates import change, norm
 
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
 
@@ -39,14 +40,9 @@ def enabled(cfg: PrivacyConfig) -> bool:
 
 def privatize(upload: State, received: State, cfg: PrivacyConfig, generator: torch.Generator | None = None) -> State:
     """The upload a client sends under DP: its change clipped to `cfg.clip`, plus noise."""
-    keys = [k for k, v in upload.items() if v.is_floating_point()]
-    deltas = {}
-    for k in keys:
-        base = received.get(k)
-        value = upload[k].double()
-        deltas[k] = value - base.double() if base is not None and base.shape == value.shape else value
-    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
-    scale = min(1.0, cfg.clip / norm) if norm > 0 else 1.0
+    deltas = change(upload, received, [k for k, v in upload.items() if v.is_floating_point()])
+    size = norm(deltas)
+    scale = min(1.0, cfg.clip / size) if size > 0 else 1.0
     generator = generator or torch.Generator().manual_seed(secrets.randbits(63))
     sigma = cfg.noise_multiplier * cfg.clip
     out = dict(upload)

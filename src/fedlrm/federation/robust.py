@@ -24,7 +24,7 @@ from flwr.server.strategy.aggregate import (
 
 from fedlrm.algorithms import State, Upload
 from fedlrm.config import FederationConfig
-from fedlrm.federation.validation import change, norm
+from fedlrm.federation.updates import change, norm
 
 
 def capped_weights(weights: dict[int, float], max_share: float | None) -> dict[int, float]:

@@ -17,6 +17,7 @@ import torch
 from fedlrm.algorithms import Algorithm, Schema, State
 from fedlrm.config import RunConfig
 from fedlrm.federation.task import ModelBundle, load_client
+from fedlrm.federation.updates import change, norm
 
 
 @dataclass
@@ -58,17 +59,6 @@ def schema_problem(schema: Schema, upload: State) -> str | None:
             bad = int((~torch.isfinite(value)).sum())
             return f"{key!r} has {bad} NaN or Inf value(s)"
     return None
-
-
-def change(upload: State, sent: State, keys) -> State:
-    """What a client changed: the upload minus what it was sent (the upload itself for new tensors)."""
-    return {k: upload[k].double() - sent[k].double() if k in sent and sent[k].shape == upload[k].shape
-            else upload[k].double() for k in keys}
-
-
-def norm(state: State) -> float:
-    """L2 norm of all tensors of `state` together."""
-    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values()))
 
 
 def update_norm(upload: State, sent: State, keys) -> float:
