@@ -339,6 +339,30 @@ def test_lazy_mode_matches_cached(files, shard_data):
     assert half.clients[0].train.cached and not half.global_test.cached
 
 
+
+def test_a_clients_images_are_preprocessed_when_first_used_and_only_theirs(files):
+    calls = []
+
+    def counting(images):
+        calls.append(len(images))
+        return preprocess(images)
+
+    data = load_federated_data(make_cfg(files), counting, seed=0)
+    pool = data.clients[0].train._pool
+    assert calls == [1] and pool.prepared == 0  # one probe of the output shape; nothing kept yet
+    first = torch.cat([x for x, _ in data.clients[1].train.batches(5)])
+    assert pool.prepared == len(data.clients[1].train) and sum(calls) == 1 + len(data.clients[1].train)
+    again = torch.cat([x for x, _ in data.clients[1].train.batches(5)])
+    assert torch.equal(first, again) and sum(calls) == 1 + len(data.clients[1].train)  # kept, not redone
+
+
+def test_unchecked_images_fail_when_first_met_naming_the_file(files, tmp_path):
+    bad = write_parquet(tmp_path / "bad-train.parquet", N_TRAIN, seed=4, corrupt_row=37)
+    cfg = make_cfg(files, train=str(bad), num_clients=1, shards_per_client=1, shots=0, verify_images=False)
+    data = load_federated_data(cfg, preprocess, 0)  # not decoded at start-up
+    with pytest.raises(DataError, match="row 37.*bad_image.jpg"):
+        list(data.clients[0].train.batches(8))
+
 # --- other sources ---------------------------------------------------------------------
 
 def write_folder(root: Path, classes: list[str], per_class: int, seed: int) -> Path:

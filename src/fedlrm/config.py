@@ -92,6 +92,10 @@ class DataConfig:
     class_names: list[str] = field(default_factory=list)
     global_test_size: Optional[int] = None  # None: the whole test split
     augment: bool = False
+    # Decode every image the run uses once at start-up, so a bad file stops it before anything is
+    # written (images are preprocessed only when first used either way); false: a bad file stops
+    # the run when it is first met, and the run resumes from its last checkpoint once it is repaired.
+    verify_images: bool = True
 
     def check(self) -> None:
         one_of("data.source", self.source, ("builtin", "parquet", "hub", "imagefolder", "torchvision"))
@@ -256,12 +260,28 @@ class PrivacyConfig:
 
 @dataclass
 class ReportConfig:
-    """What a run shows while it goes (a log line per round is always written)."""
+    """What a run shows while it goes (a log line per round is always written) and leaves behind."""
 
     tensorboard: bool = False  # TensorBoard event files of the per-round and per-client metrics in RUN_DIR/tensorboard
+    # Whose personalized models a finished run writes to RUN_DIR/adapters: all | trained (the clients that
+    # trained at least once) | none | client ids, e.g. "0,3,17". With thousands of clients, all is slow and large.
+    export_adapters: str = "all"
+
+    def export_selection(self) -> str | list[int]:
+        """"all", "trained", "none", or the client ids the setting lists."""
+        text = str(self.export_adapters).strip()
+        if text in ("all", "trained", "none"):
+            return text
+        parts = [p.strip() for p in text.split(",")]
+        if not text or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"report.export_adapters={self.export_adapters!r} is not all, trained, none or a list "
+                              f"of client ids such as 0,3,17")
+        return sorted({int(p) for p in parts})
 
     def check(self) -> None:
         import importlib.util
+
+        self.export_selection()
 
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("report.tensorboard=true needs the tensorboard package: pip install "

@@ -17,9 +17,9 @@ from fedlrm.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Preprocessed images are kept in memory when all of them together take at most this
-# much; otherwise test images (and, if still too large, train images) are decoded and
-# preprocessed again for every batch.
+# Preprocessed images are kept in memory (each once it is first used) when all of them
+# together would take at most this much; otherwise test images (and, if still too large,
+# train images) are decoded and preprocessed again for every batch.
 CACHE_LIMIT_BYTES = 1 << 30
 _CHUNK = 256  # images decoded and preprocessed at a time
 
@@ -27,8 +27,12 @@ _CHUNK = 256  # images decoded and preprocessed at a time
 def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
                         cache_limit_bytes: int | None = None) -> FederatedData:
     """Read `cfg`'s dataset, split its train split among the clients (seeded by `seed`),
-    draw each client's test set and the global test set, and decode every image used once
-    (checking it); preprocessed images are cached in memory if they fit the budget."""
+    draw each client's test set and the global test set, and (with `data.verify_images`)
+    decode every image used once, so a bad file is named before a run writes anything.
+
+    Images are preprocessed when first used, not here: a round costs what its sampled clients
+    cost, not what all of them would. Preprocessed images are kept in memory if all of them
+    would fit the budget."""
     cfg.check()  # the settings themselves; what depends on the data is checked where it is used
     started = time.perf_counter()
     limit = CACHE_LIMIT_BYTES if cache_limit_bytes is None else cache_limit_bytes
@@ -68,8 +72,11 @@ def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
     train_bytes, test_bytes = len(train_needed) * per_image, len(test_needed) * per_image
     cache_train = train_bytes <= limit
     cache_test = train_bytes + test_bytes <= limit
-    train_pool = _pool(source.train, train_needed, preprocess, cache_train)
-    test_pool = _pool(source.test, test_needed, preprocess, cache_test)
+    if cfg.verify_images:
+        _verify(source.train, train_needed)
+        _verify(source.test, test_needed)
+    train_pool = ImagePool(source.train, train_needed, preprocess, None, keep=cache_train)
+    test_pool = ImagePool(source.test, test_needed, preprocess, None, keep=cache_test)
 
     def imageset(pool: ImagePool, rows: np.ndarray, labels: np.ndarray) -> ImageSet:
         return ImageSet(pool, rows, labels[rows])
@@ -79,10 +86,11 @@ def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
                for cid, (tr, te) in enumerate(zip(client_train, client_test))]
     data = FederatedData([readable(n) for n in names], clients,
                          imageset(test_pool, global_rows, test_labels))
-    log.info("data: %d classes, %d clients, %d train + %d test images decoded (%s, %s) in %.1f s",
+    log.info("data: %d classes, %d clients, %d train + %d test images %s (%s, %s) in %.1f s",
              len(names), len(clients), len(train_needed), len(test_needed),
-             "train cached" if cache_train else "train decoded per batch",
-             "test cached" if cache_test else "test decoded per batch",
+             "checked" if cfg.verify_images else "not checked",
+             "train kept once preprocessed" if cache_train else "train decoded per batch",
+             "test kept once preprocessed" if cache_test else "test decoded per batch",
              time.perf_counter() - started)
     return data
 
@@ -119,22 +127,8 @@ def _preprocess(preprocess: Preprocess, images: list) -> torch.Tensor:
     return out.float()
 
 
-def _pool(split: Split, rows: np.ndarray, preprocess: Preprocess, cache: bool) -> ImagePool:
-    """Decode every image of `rows` once (a bad file raises a DataError naming it); keep the
-    preprocessed tensors if `cache`."""
-    tensor = None
+def _verify(split: Split, rows: np.ndarray) -> None:
+    """Decode every image of `rows` once; a bad file raises a DataError naming it."""
     for start in range(0, len(rows), _CHUNK):
-        images = split.load(rows[start:start + _CHUNK])
-        if cache:
-            batch = _preprocess(preprocess, images)
-            if tensor is None:
-                tensor = torch.empty((len(rows), *batch.shape[1:]), dtype=torch.float32)
-            if batch.shape[1:] != tensor.shape[1:]:
-                raise TypeError(f"preprocess returned images of shape {tuple(batch.shape[1:])} "
-                                f"after {tuple(tensor.shape[1:])}; it must give one fixed size")
-            tensor[start:start + len(images)] = batch
-        for image in images:
+        for image in split.load(rows[start:start + _CHUNK]):
             image.close()
-    if cache and tensor is None:
-        tensor = torch.empty((0, 3, 1, 1))
-    return ImagePool(split, rows, preprocess, tensor)

@@ -18,31 +18,62 @@ Preprocess = Callable[[list[PIL.Image.Image]], torch.Tensor]
 class ImagePool:
     """The images of one source split that some ImageSet uses (`rows`, sorted, unique).
 
-    Either every image is preprocessed once and kept (`tensor`), or images are decoded and
-    preprocessed again for every batch (when the cached tensors would be too large)."""
+    Either every image is preprocessed when first asked for and kept (`keep`, or a `tensor`
+    given whole), or images are decoded and preprocessed again for every batch (when the kept
+    tensors would be too large). A kept image costs memory only once it has been asked for: the
+    pool's tensor is allocated unfilled, and the pages of images never used are never touched."""
 
     def __init__(self, split: Split | None, rows: np.ndarray, preprocess: Preprocess | None,
-                 tensor: torch.Tensor | None) -> None:
+                 tensor: torch.Tensor | None, keep: bool = False) -> None:
         self.split = split
         self.rows = np.asarray(rows, dtype=np.int64)
         self.preprocess = preprocess
         self.tensor = tensor
+        self.keep = keep or tensor is not None
+        self._ready = torch.ones(len(self.rows), dtype=torch.bool) if tensor is not None else \
+            torch.zeros(len(self.rows), dtype=torch.bool)
 
     @property
     def cached(self) -> bool:
-        return self.tensor is not None
+        return self.keep
+
+    @property
+    def prepared(self) -> int:
+        """How many of the pool's images have been preprocessed and kept so far."""
+        return int(self._ready.sum())
 
     def positions(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.rows, np.asarray(rows, dtype=np.int64))
 
     def images(self, positions: torch.Tensor) -> torch.Tensor:
-        if self.tensor is not None:
-            return self.tensor[positions]
+        if not self.keep:
+            return self._decode(positions)
+        if len(positions) == 0:
+            return torch.empty((0, *(self.tensor.shape[1:] if self.tensor is not None else (3, 1, 1))))
+        missing = torch.unique(positions[~self._ready[positions]])
+        if len(missing):
+            batch = self._decode(missing)
+            if self.tensor is None:
+                self.tensor = torch.empty((len(self.rows), *batch.shape[1:]), dtype=torch.float32)
+            if batch.shape[1:] != self.tensor.shape[1:]:
+                raise TypeError(f"preprocess returned images of shape {tuple(batch.shape[1:])} "
+                                f"after {tuple(self.tensor.shape[1:])}; it must give one fixed size")
+            self.tensor[missing] = batch
+            self._ready[missing] = True
+        return self.tensor[positions]
+
+    def _decode(self, positions: torch.Tensor) -> torch.Tensor:
         images = self.split.load(self.rows[positions.numpy()])
-        batch = self.preprocess(images).float()
-        for image in images:
-            image.close()
-        return batch
+        try:
+            out = self.preprocess(images)
+        finally:
+            for image in images:
+                image.close()
+        if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(images):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise TypeError(f"preprocess must map {len(images)} images to a tensor "
+                            f"({len(images)}, 3, H, W); it returned {shape}")
+        return out.float()
 
     @property
     def where(self) -> str:
