@@ -75,6 +75,8 @@ def reseal(run_dir: Path, round_index: int | None = None) -> None:
     the checks behind the checksums are reached."""
     manifest = json.loads((ckpt(run_dir) / MANIFEST).read_text())
     manifest["files"] = {name: hashlib.sha256((ckpt(run_dir) / name).read_bytes()).hexdigest() for name in FILES}
+    for entry in manifest["client_states"].values():
+        entry["sha256"] = hashlib.sha256((run_dir / "client_states" / entry["file"]).read_bytes()).hexdigest()
     if round_index is not None:
         manifest["round"] = round_index
     (ckpt(run_dir) / MANIFEST).write_text(json.dumps(manifest))
@@ -89,6 +91,19 @@ def edit_state(run_dir: Path, change) -> None:
 
 def edit_tensors(run_dir: Path, name: str, change) -> None:
     path = ckpt(run_dir) / name
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+def state_file(run_dir: Path, client: int) -> Path:
+    """The file of `client`'s private state that the checkpoint names."""
+    manifest = json.loads((ckpt(run_dir) / MANIFEST).read_text())
+    return run_dir / "client_states" / manifest["client_states"][str(client)]["file"]
+
+
+def edit_client_state(run_dir: Path, client: int, change) -> None:
+    path = state_file(run_dir, client)
     tensors = load_file(path)
     change(tensors)
     save_file(tensors, path)
@@ -122,12 +137,34 @@ def test_a_config_yaml_that_is_not_the_runs_is_refused(run_dir, change, message)
 
 
 # ---------------------------------------------------------------------------- the checkpoint's files
-@pytest.mark.parametrize("name", ["global.safetensors", "clients.safetensors"])
-def test_a_bit_flip_in_a_checkpoint_tensor_is_refused(run_dir, name):
-    flip_bit(ckpt(run_dir) / name)
-    text = refused(run_dir, rf"{name} has changed since the checkpoint was written \(its sha256 is not the one in "
-                            rf"manifest\.json\)")
+def test_a_bit_flip_in_a_checkpoint_tensor_is_refused(run_dir):
+    flip_bit(ckpt(run_dir) / "global.safetensors")
+    text = refused(run_dir, r"global\.safetensors has changed since the checkpoint was written \(its sha256 is not "
+                            r"the one in manifest\.json\)")
     assert str(ckpt(run_dir)) in text and "put back an intact copy" in text
+
+
+def test_a_bit_flip_in_a_client_state_file_is_refused(run_dir):
+    flip_bit(state_file(run_dir, 1))
+    text = refused(run_dir, r"client 1's private state .*client1-round1\.safetensors has changed since the "
+                            r"checkpoint was written")
+    assert "put back an intact copy" in text
+
+
+def test_a_missing_client_state_file_is_refused(run_dir):
+    state_file(run_dir, 2).unlink()
+    refused(run_dir, r"client 2's private state .*client2-round1\.safetensors is missing")
+
+
+def test_only_changed_client_states_are_written_and_older_files_removed(run_dir):
+    """A client state is written in the round it changed, once; a client the round did not sample
+    keeps its older file, and files no checkpoint names any more are removed."""
+    (run_dir / "client_states" / "client9-round1.safetensors").write_bytes(b"left by a crash")
+    before = {c: state_file(run_dir, c).name for c in range(3)}
+    assert before == {c: f"client{c}-round1.safetensors" for c in range(3)}
+    resume_experiment(run_dir, progress=False)  # round 2 samples every client: each gets a round-2 file
+    assert sorted(p.name for p in (run_dir / "client_states").iterdir()) == \
+        [f"client{c}-round2.safetensors" for c in range(3)]
 
 
 def test_an_edited_state_json_is_refused(run_dir):
@@ -153,7 +190,7 @@ def test_a_malformed_manifest_is_refused(run_dir):
 def test_a_manifest_of_another_format_is_refused(run_dir):
     manifest = json.loads((ckpt(run_dir) / MANIFEST).read_text())
     (ckpt(run_dir) / MANIFEST).write_text(json.dumps({**manifest, "format": 99}))
-    refused(run_dir, r"is of format 99; this fedlrm reads format 1")
+    refused(run_dir, r"is of format 99; this fedlrm reads format 2")
 
 
 def test_a_file_added_to_the_checkpoint_is_refused(run_dir):
@@ -183,15 +220,18 @@ def test_an_empty_state_json_is_refused(run_dir):
 def test_a_client_missing_from_state_json_is_refused(run_dir):
     edit_state(run_dir, lambda s: {**s, "clients": [0, 2]})
     reseal(run_dir)
-    refused(run_dir, r"clients\.safetensors holds the private state of client 1, but state\.json lists only "
+    refused(run_dir, r"manifest\.json names the state files of clients \[0, 1, 2\], but state\.json lists "
                      r"clients \[0, 2\]")
 
 
-def test_a_checkpoint_without_a_clients_state_is_refused(run_dir):
-    edit_state(run_dir, lambda s: {**s, "clients": [0, 2]})
-    edit_tensors(run_dir, "clients.safetensors", lambda t: [t.pop(k) for k in list(t) if k.startswith("client1/")])
+def test_a_private_state_of_a_client_the_run_does_not_have_is_refused(run_dir):
+    shutil.copy(state_file(run_dir, 0), run_dir / "client_states" / "client7-round1.safetensors")
+    manifest = json.loads((ckpt(run_dir) / MANIFEST).read_text())
+    manifest["client_states"]["7"] = {"file": "client7-round1.safetensors", "sha256": ""}
+    (ckpt(run_dir) / MANIFEST).write_text(json.dumps(manifest))
+    edit_state(run_dir, lambda s: {**s, "clients": [0, 1, 2, 7]})
     reseal(run_dir)
-    refused(run_dir, r"it holds the private states of clients \[0, 2\], but this run's are \[0, 1, 2\]")
+    refused(run_dir, r"it holds the private states of clients \[7\], but this run's clients are 0\.\.2")
 
 
 @pytest.mark.parametrize("round_index", [99, 0])
@@ -236,14 +276,14 @@ def test_a_reshaped_server_weight_is_refused(run_dir):
 
 
 def test_a_renamed_private_weight_is_refused(run_dir):
-    edit_tensors(run_dir, "clients.safetensors", rename_first("client1/"))
+    edit_client_state(run_dir, 1, rename_first())
     reseal(run_dir)
-    refused(run_dir, r"clients\.safetensors does not hold client 1's private state as this run's model has it: "
-                     r"1 weight\(s\) missing")
+    refused(run_dir, r"client_states/client1-round1\.safetensors does not hold client 1's private state as this "
+                     r"run's model has it: 1 weight\(s\) missing")
 
 
 def test_a_reshaped_private_weight_is_refused(run_dir):
-    edit_tensors(run_dir, "clients.safetensors", reshape_first("client0/"))
+    edit_client_state(run_dir, 0, reshape_first())
     reseal(run_dir)
     refused(run_dir, r"does not hold client 0's private state as this run's model has it: '.*' is \[\d+(, \d+)*\] "
                      r"float32, this model's is")
@@ -292,8 +332,7 @@ def test_a_fedlease_checkpoint_after_clustering_is_checked_in_its_new_layout(tin
     sim = Simulation(cfg, progress=False)
     verified = verify_checkpoint(cut.run_dir, cfg, sim.server, range(3))
     assert verified.round == 2 and any(".experts.e1." in k for k in verified.server.weights)
-    edit_tensors(cut.run_dir, "clients.safetensors", reshape_first("client0/backbone.image_encoder.encoder.layers.0."
-                                                                   "self_attn.q_proj.mixer"))
+    edit_client_state(cut.run_dir, 0, reshape_first("backbone.image_encoder.encoder.layers.0.self_attn.q_proj.mixer"))
     reseal(cut.run_dir)
     with pytest.raises(FedLRMError, match=r"does not hold client 0's private state as this run's model has it: "
                                           r"'.*mixer.*' is \[\d+, \d+\] float32, this model's is \[\d+, \d+\]"):

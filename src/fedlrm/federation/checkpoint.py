@@ -4,11 +4,15 @@ that a damaged, edited or foreign one is never resumed.
 A checkpoint is a folder:
 
 - `global.safetensors`: the server's weights;
-- `clients.safetensors`: every client's private state (in-process; under Flower clients keep their own);
 - `record.json` with its tensors in `record.safetensors`: the method's typed record (`Algorithm.Record`);
 - `state.json`: the round, the metrics so far, the rejected uploads and the largest upload;
-- `manifest.json`: the format version, the round, the run configuration and its sha256, and the
-  sha256 of each of the other files.
+- `manifest.json`: the format version, the round, the run configuration and its sha256, the
+  sha256 of each of the other files, and each client's private state file with its sha256.
+
+The clients' private states (in-process; under Flower clients keep their own) are files of the
+run directory's `client_states/` (`fedlrm.federation.states`), outside the folder: a file is
+written once, when its client's state changed, so a checkpoint writes only what changed since the
+last one. A client the manifest does not name never changed from its initial state.
 
 The configuration's digest is the sha256 of the canonical JSON (sorted keys, no spaces) of
 `fedlrm.config.to_dict(absolute_paths(cfg))`, the very tree a run directory's config.yaml is
@@ -28,7 +32,7 @@ import logging
 import shutil
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ from fedlrm.algorithms import ServerState
 from fedlrm.config import RunConfig, absolute_paths, to_dict
 from fedlrm.errors import FedLRMError
 from fedlrm.federation.rundir import config_leaves
+from fedlrm.federation.states import FOLDER as STATES_FOLDER, PrivateStates, StoredStates, sha256 as _sha256
 from fedlrm.federation.task import adapt, initial_private, personalize
 from fedlrm.federation.validation import Rejection
 
@@ -48,10 +53,11 @@ log = logging.getLogger("fedlrm.checkpoint")
 
 CHECKPOINT = "checkpoint"
 MANIFEST = "manifest.json"
-FORMAT = 1  # of the folder; raised when its files or their meaning change
-FILES = ("global.safetensors", "clients.safetensors", "record.json", "record.safetensors", "state.json")
+FORMAT = 2  # of the folder; raised when its files or their meaning change (2: client states in client_states/)
+FILES = ("global.safetensors", "record.json", "record.safetensors", "state.json")
 TENSOR, ITEMS = "__tensor__", "__items__"
 #: files a run writes only once a round has finished: with one of them, a missing checkpoint was lost
+#: (not client_states/: its files are written before the first checkpoint is in place)
 FINISHED_ROUND_FILES = ("rounds.csv", "metrics.csv", "summary.json", "rejected_updates.json", "adapters")
 
 
@@ -59,7 +65,9 @@ FINISHED_ROUND_FILES = ("rounds.csv", "metrics.csv", "summary.json", "rejected_u
 class Checkpoint:
     round: int
     server: ServerState
-    clients: dict[int, dict[str, torch.Tensor]]
+    #: the clients' private states: a `PrivateStates` store (in-process runs), the `StoredStates` a
+    #: checkpoint names, or a dict (written whole); clients absent have their initial state
+    clients: Mapping[int, dict[str, torch.Tensor]]
     client_rows: list[dict]
     round_rows: list[dict]
     rejections: list[Rejection] = field(default_factory=list)
@@ -93,21 +101,30 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     (tmp / "record.json").write_text(json.dumps(record_tree(ckpt.server.record, "record", tensors)))
     save_file(_contiguous(tensors), tmp / "record.safetensors")
-    flat = {f"client{c}/{k}": v for c, state in ckpt.clients.items() for k, v in state.items()}
-    save_file(_contiguous(flat), tmp / "clients.safetensors")
-    meta = {"round": ckpt.round, "clients": sorted(ckpt.clients), "client_rows": ckpt.client_rows,
+    store = ckpt.clients
+    if not isinstance(store, PrivateStates):  # states given whole: all of them are written
+        store = PrivateStates(sorted(ckpt.clients), lambda c: {})
+        store.restore(ckpt.clients)
+    if store.folder is None:
+        store.bind(run_dir / STATES_FOLDER)
+    elif store.folder != run_dir / STATES_FOLDER:
+        raise FedLRMError(f"the client states of this run are kept in {store.folder}, not in {run_dir}")
+    files = store.flush(ckpt.round)  # only the states that changed since the last checkpoint
+    meta = {"round": ckpt.round, "clients": sorted(files), "client_rows": ckpt.client_rows,
             "round_rows": ckpt.round_rows, "rejections": [dataclasses.asdict(x) for x in ckpt.rejections],
             "max_upload_params": ckpt.max_upload_params}
     (tmp / "state.json").write_text(json.dumps(meta))
     # Last, over the finished files: a checkpoint without its manifest is never resumed.
     manifest = {"format": FORMAT, "round": ckpt.round, "config_sha256": config_sha256(ckpt.config),
-                "config": ckpt.config, "files": {name: _sha256(tmp / name) for name in FILES}}
+                "config": ckpt.config, "files": {name: _sha256(tmp / name) for name in FILES},
+                "client_states": {str(c): {"file": name, "sha256": digest} for c, (name, digest) in files.items()}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    store.prune()  # state files only older checkpoints named (or a crash left) go once this one is in place
     return final
 
 
@@ -155,7 +172,6 @@ def read_checkpoint(path: Path, record_type: type | None) -> Checkpoint:
         raise _damaged(path, f"state.json is of round {meta['round']} but {MANIFEST} of round {manifest['round']}")
     try:
         weights = load_file(path / "global.safetensors")
-        flat = load_file(path / "clients.safetensors")
         tensors = load_file(path / "record.safetensors")
         tree = json.loads((path / "record.json").read_text())
     except Exception as err:  # safetensors and json raise several types
@@ -169,16 +185,7 @@ def read_checkpoint(path: Path, record_type: type | None) -> Checkpoint:
     unused = sorted(set(tensors) - set(_tensor_refs(tree)))
     if unused:
         raise _damaged(path, f"record.safetensors holds {unused[0]!r}, which record.json does not refer to")
-    clients: dict[int, dict[str, torch.Tensor]] = {c: {} for c in meta["clients"]}
-    for key, value in flat.items():
-        client, _, name = key.partition("/")
-        number = client.removeprefix("client")
-        if not name or not number.isdigit():
-            raise _damaged(path, f"clients.safetensors holds {key!r}, which is not named client<N>/<weight>")
-        if int(number) not in clients:
-            raise _damaged(path, f"clients.safetensors holds the private state of client {int(number)}, but "
-                                 f"state.json lists only clients {meta['clients']}")
-        clients[int(number)][name] = value
+    clients = _client_states(path, manifest, meta)
     rejections = [Rejection(x["round"], x["client"], x["reason"]) for x in meta["rejections"]]
     return Checkpoint(meta["round"], ServerState(weights, record), clients, meta["client_rows"], meta["round_rows"],
                       rejections, meta["max_upload_params"], manifest["config"])
@@ -206,6 +213,32 @@ def _read_manifest(path: Path) -> dict:
     if config_sha256(manifest["config"]) != manifest["config_sha256"]:
         raise _damaged(path, f"the configuration in {MANIFEST} does not match its config_sha256")
     return manifest
+
+
+def _client_states(path: Path, manifest: dict, meta: dict) -> StoredStates:
+    """The private state files the manifest names, each there with its sha256 and readable."""
+    entries = manifest.get("client_states")
+    if not isinstance(entries, dict) or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, dict) and isinstance(v.get("file"), str)
+            and isinstance(v.get("sha256"), str) for k, v in entries.items()):
+        raise _damaged(path, f"{MANIFEST} does not list the client state files as client -> {{file, sha256}}")
+    files = {int(k): (v["file"], v["sha256"]) for k, v in entries.items()}
+    if sorted(files) != sorted(meta["clients"]):
+        raise _damaged(path, f"{MANIFEST} names the state files of clients {sorted(files)}, but state.json lists "
+                             f"clients {meta['clients']}")
+    folder = path.parent / STATES_FOLDER
+    for client, (name, digest) in sorted(files.items()):
+        file = folder / name
+        if Path(name).name != name or not file.is_file():
+            raise _damaged(path, f"client {client}'s private state {file} is missing")
+        if _sha256(file) != digest:
+            raise _damaged(path, f"client {client}'s private state {file} has changed since the checkpoint was "
+                                 f"written (its sha256 is not the one in {MANIFEST}): the file is damaged or was edited")
+        try:
+            load_file(file)
+        except Exception as err:  # safetensors raises several types
+            raise _damaged(path, f"client {client}'s private state {file} cannot be read ({err})") from None
+    return StoredStates(folder, files)
 
 
 def _read_state(path: Path) -> dict:
@@ -241,7 +274,7 @@ def verify_checkpoint(run_dir: Path, cfg: RunConfig, server, clients: Iterable[i
     round 1, which is logged), else a FedLRMError for whatever does not belong to this run.
 
     `server` is the run's `Server` (its algorithm and model say what the checkpoint must hold);
-    `clients` are the clients whose private states it must carry: every one in-process, none where
+    `clients` are the clients whose private states it may carry: every one in-process, none where
     clients keep their own (Flower). Checked, in this order:
 
     1. the folder: a folder; if there is none, no file of a finished round (rounds.csv, metrics.csv,
@@ -251,7 +284,7 @@ def verify_checkpoint(run_dir: Path, cfg: RunConfig, server, clients: Iterable[i
     3. the configuration: `cfg`'s digest is the one in the manifest;
     4. the round: within the run's rounds (1..train.rounds; 0 for a method that does not train),
        one row of metrics per round done, the rejections as many as the rounds counted;
-    5. the clients: exactly `clients`;
+    5. the clients: private states of `clients` only (those it does not name start from their initial one);
     6. the tensors, against a fresh run of `cfg`: the server's weights hold every weight of
        `Server.initial_state()` with its shape and dtype; each client's private state has exactly
        the names, shapes and dtypes of `initial_private(...)` or, for a method whose adapters change
@@ -277,9 +310,10 @@ def verify_checkpoint(run_dir: Path, cfg: RunConfig, server, clients: Iterable[i
     _check_config(path, ckpt.config, cfg)
     _check_rounds(path, ckpt, cfg, algo, server.num_clients)
     expected = sorted(set(clients))
-    if sorted(ckpt.clients) != expected:
-        raise _damaged(path, f"it holds the private states of clients {sorted(ckpt.clients)}, but this run's are "
-                             f"{expected or 'kept by the clients themselves (none here)'}")
+    foreign = sorted(set(ckpt.clients) - set(expected))
+    if foreign:
+        raise _damaged(path, f"it holds the private states of clients {foreign}, but this run's clients are "
+                             f"{_span(expected) if expected else 'keeping their own (none here)'}")
     if algo.Record is None and ckpt.server.record is not None:
         raise _damaged(path, f"record.json holds a record, but {algo.name} keeps none")
     with torch.random.fork_rng(devices=[]):  # the checks build adapters; the run's random numbers stay its own
@@ -343,7 +377,7 @@ def _check_tensors(path: Path, ckpt: Checkpoint, cfg: RunConfig, server, clients
     problem = _difference(_schema(ckpt.server.weights), _schema(server.initial_state().weights), superset=True)
     if problem:
         raise _damaged(path, f"global.safetensors does not hold this run's server weights: {problem}")
-    for c in clients:
+    for c in sorted(ckpt.clients):
         got = _schema(ckpt.clients[c])
         allowed = [_schema(initial_private(bundle, algo, cfg, c))]
         if got == allowed[0]:
@@ -358,8 +392,8 @@ def _check_tensors(path: Path, ckpt: Checkpoint, cfg: RunConfig, server, clients
             if got == allowed[1]:
                 continue
         closest = max(allowed, key=lambda schema: len(schema.keys() & got.keys()))
-        raise _damaged(path, f"clients.safetensors does not hold client {c}'s private state as this run's model "
-                             f"has it: {_difference(got, closest)}")
+        raise _damaged(path, f"{STATES_FOLDER}/{ckpt.clients.files[c][0]} does not hold client {c}'s private state "
+                             f"as this run's model has it: {_difference(got, closest)}")
     for c in range(server.num_clients):
         try:
             personalize(bundle, algo, cfg, c, ckpt.clients.get(c, {}), ckpt.server, ckpt.round)
@@ -428,14 +462,6 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _is(value: Any, kind) -> bool:
     return isinstance(value, kind) and not (isinstance(value, bool) and kind is int)
 
@@ -460,6 +486,10 @@ def _difference(got: dict, expected: dict, superset: bool = False) -> str | None
 
 def _form(shape: tuple[int, ...], dtype: torch.dtype) -> str:
     return f"{list(shape)} {str(dtype).removeprefix('torch.')}"
+
+
+def _span(clients: list[int]) -> str:
+    return f"{clients[0]}..{clients[-1]}" if clients == list(range(clients[0], clients[-1] + 1)) else str(clients)
 
 
 def _new_run(run_dir: Path) -> str:

@@ -10,26 +10,32 @@ from fedlrm.config import RunConfig
 from fedlrm.data import ClientSplit
 from fedlrm.federation import privacy
 from fedlrm.federation.messages import EvalReply, TrainReply
+from fedlrm.federation.states import PrivateStates
 from fedlrm.federation.task import ModelBundle, client_round, evaluate, initial_private, load_client
 from fedlrm.federation.wire import decode, encode
 
 
 class Client:
+    """`states` holds the private states (this client's among others'); without it, the client keeps
+    its own in memory, starting from `private` (None: the initial state)."""
+
     def __init__(self, bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, client_id: int,
-                 split: ClientSplit, private: State | None = None):
+                 split: ClientSplit, private: State | None = None, states: PrivateStates | None = None):
         self.bundle, self.algorithm, self.cfg = bundle, algorithm, cfg
         self.client_id, self.split = client_id, split
-        self.private = private
+        if states is None:
+            states = PrivateStates([client_id], lambda c: initial_private(bundle, algorithm, cfg, c))
+            if private is not None:
+                states.put(client_id, private)
+        self.states = states
 
     def state(self) -> State:
-        if self.private is None:
-            self.private = initial_private(self.bundle, self.algorithm, self.cfg, self.client_id)
-        return self.private
+        return self.states[self.client_id]
 
     def train(self, round_index: int, message: bytes) -> TrainReply:
         result = client_round(self.bundle, self.algorithm, self.cfg, self.split.train, self.state(), message,
                               round_index, self.client_id)
-        self.private = result.private
+        self.states.put(self.client_id, result.private)
         upload = result.upload
         if privacy.enabled(self.cfg.privacy):
             upload = encode(privacy.privatize(decode(upload), decode(message), self.cfg.privacy))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class RunResult:
     round_rows: list[dict]
     summary: dict
     server_state: ServerState
-    client_states: dict
+    client_states: Mapping  # client id -> private state (in-process; {} where clients keep their own)
     messages: list[Message] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
 
@@ -171,9 +172,9 @@ class Server:
         ckpt = resume if isinstance(resume, Checkpoint) else None
         if resume is True and run_dir is not None:
             ckpt = verify_checkpoint(run_dir, cfg, self, sorted(transport.private_states()))
+        transport.restore(ckpt.clients if ckpt is not None else {})  # a fresh run starts every client afresh
         if ckpt is not None:
             state, client_rows, round_rows = ckpt.server, list(ckpt.client_rows), list(ckpt.round_rows)
-            transport.restore(ckpt.clients)
             # what the summary and rejected_updates.json count covers the rounds before the resume too
             self.rejections, self.max_upload_params = list(ckpt.rejections), ckpt.max_upload_params
             start = ckpt.round + 1

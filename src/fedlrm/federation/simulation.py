@@ -6,6 +6,7 @@ inspect is exactly what a deployed client would send or receive.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from fedlrm.errors import ConfigError, FedLRMError
 from fedlrm.federation.client import Client
 from fedlrm.federation.messages import EvalReply, TrainReply
 from fedlrm.federation.server import RunResult, Server
-from fedlrm.federation.task import ModelBundle, build_model, resolve_device
+from fedlrm.federation.states import PrivateStates
+from fedlrm.federation.task import ModelBundle, build_model, initial_private, resolve_device
 from fedlrm.models import load_backbone
 from fedlrm.models.backbone import check_fits
 
@@ -28,6 +30,7 @@ class InProcessTransport:
     def __init__(self, clients: list[Client], progress: bool = False):
         self.clients = clients
         self.progress = progress
+        self.states = clients[0].states if clients else PrivateStates([], lambda c: {})
 
     def train(self, round_index: int, messages: dict[int, bytes]) -> dict[int, TrainReply]:
         from tqdm.auto import tqdm
@@ -39,12 +42,11 @@ class InProcessTransport:
     def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]:
         return {c: self.clients[c].evaluate(round_index, m) for c, m in messages.items()}
 
-    def private_states(self) -> dict[int, State]:
-        return {c.client_id: c.state() for c in self.clients}
+    def private_states(self) -> PrivateStates:
+        return self.states
 
-    def restore(self, private: dict[int, State]) -> None:
-        for c in self.clients:
-            c.private = private.get(c.client_id)
+    def restore(self, private: Mapping[int, State]) -> None:
+        self.states.restore(private)
 
     def secure_train(self, round_index, messages, schema):
         raise FedLRMError("privacy.secagg needs the Flower runtime (fedlrm flower, or flwr run flower-app)")
@@ -71,7 +73,12 @@ class Simulation:
         self.num_clients = len(self.data.clients)
         self.server = Server(cfg, self.algorithm, self.bundle, self.num_clients, self.data.global_test, progress,
                              example_bounds={c: len(split.train) for c, split in enumerate(self.data.clients)})
-        self.clients = [Client(self.bundle, self.algorithm, cfg, c, split) for c, split in enumerate(self.data.clients)]
+        # one store of every client's private state: on disk in the run directory but for those that changed
+        # since the last checkpoint (`fedlrm.federation.states`)
+        self.states = PrivateStates(range(self.num_clients),
+                                    lambda c: initial_private(self.bundle, self.algorithm, cfg, c))
+        self.clients = [Client(self.bundle, self.algorithm, cfg, c, split, states=self.states)
+                        for c, split in enumerate(self.data.clients)]
 
     def run(self, run_dir: Path | None = None, resume: bool = False,
             stop_after_round: int | None = None) -> RunResult:
