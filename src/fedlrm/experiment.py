@@ -71,10 +71,22 @@ def finish(sim: Simulation, result: RunResult, run_dir: Path) -> None:
         return
     sim.algorithm.write_report(run_dir, result.server_state)
     last = sim.cfg.train.rounds
-    for c in range(sim.num_clients):
+    for c in exported_clients(sim, result):
         model = personalize(sim.bundle, sim.algorithm, sim.cfg, c, result.client_states[c], result.server_state, last)
         save_personalized(run_dir / "adapters" / f"client_{c:02d}", model, sim.cfg, sim.data.class_names, c,
                           sim.bundle.layout, sim.algorithm.message_for(result.server_state, c, last), last)
+
+
+def exported_clients(sim: Simulation, result: RunResult) -> list[int]:
+    """The clients whose models `report.export_adapters` asks for."""
+    selection = sim.cfg.report.export_selection()
+    if selection == "all":
+        return list(range(sim.num_clients))
+    if selection == "none":
+        return []
+    if selection == "trained":
+        return sim.states.stored()  # a client's state is stored once it has trained
+    return selection
 
 
 def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,

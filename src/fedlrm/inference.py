@@ -143,7 +143,8 @@ def adapter_folder(path: str | Path, client: int | None = None) -> Path:
     if client < 0 or client > max(found):
         raise FedLRMError(f"client {client} is out of range: the run directory {path} has {available}")
     if client not in found:
-        raise FedLRMError(f"the run directory {path} has no model of client {client} (it has {available})")
+        raise FedLRMError(f"the run directory {path} has no model of client {client} (it has {available}: its "
+                          f"report.export_adapters setting chose whose models it wrote)")
     return found[client]
 
 

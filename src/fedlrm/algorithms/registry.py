@@ -84,6 +84,10 @@ def check(cfg: RunConfig) -> None:
             f"data.num_clients={cfg.data.num_clients}); lower federation.min_clients to at most {sampled} "
             f"or sample more clients")
     check_defences(cfg, sampled)
+    export = cfg.report.export_selection()
+    if isinstance(export, list) and export[-1] >= cfg.data.num_clients:
+        raise ConfigError(f"report.export_adapters names client {export[-1]}, but the run has clients "
+                          f"0..{cfg.data.num_clients - 1} (data.num_clients={cfg.data.num_clients})")
     for name, cls in ALGORITHMS.items():
         cls.check(cfg.methods[name], cfg)
     if cfg.privacy.secagg and not ALGORITHMS[cfg.algorithm].aggregates_by_mean:
