@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from fedlrm.errors import FedLRMError
+from fedlrm.errors import ConfigError, FedLRMError
 
 
 
@@ -44,9 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--algorithms", default=every, help=f"comma-separated (default: all, {every})")
     cmp.set_defaults(func=cmd_compare)
 
-    flower = sub.add_parser("flower", help="run on a local Flower deployment: a SuperLink and one SuperNode "
-                                           "per client on 127.0.0.1, stopped when the run ends")
+    flower = sub.add_parser("flower", help="run on Flower on 127.0.0.1: a SuperLink and one SuperNode per client "
+                                           "(--runtime deployment) or Flower's Simulation Runtime on Ray "
+                                           "(--runtime simulation); stopped when the run ends")
     _config_args(flower)
+    flower.add_argument("--runtime", choices=("deployment", "simulation"), default="deployment",
+                        help="deployment: one SuperNode process per client; simulation: virtual SuperNodes served "
+                             "by a pool of Ray actors (pip install 'fedlrm[simulation]')")
+    flower.add_argument("--client-cpus", type=int, default=1,
+                        help="simulation: whole CPUs each ClientApp actor holds (as many actors run at once as fit)")
+    flower.add_argument("--client-gpus", type=float, default=0.0,
+                        help="simulation: GPUs each ClientApp actor holds; fractions share a GPU, e.g. 0.25")
+    flower.add_argument("--ray-address", help="simulation: join this Ray cluster (e.g. auto, or HEAD_IP:6379) "
+                                              "instead of starting Ray on this machine")
     flower.add_argument("--tls", action="store_true", help="serve the SuperLink over TLS (test certificates)")
     flower.add_argument("--auth", action="store_true", help="authenticate SuperNodes (implies --tls) and bind each "
                         "client to its SuperNode's key (federation.client_keys, written to the work dir)")
@@ -176,6 +186,7 @@ def cmd_flower(args) -> int:
 
     # fail here, before any folder or process exists
     cfg = absolute_paths(load_config(args.config, args.overrides))  # the SuperLink's app reads it from elsewhere
+    simulation = simulation_backend(args) if args.runtime == "simulation" else None
     app_source()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fedlrm-flower-")).resolve()
     config_file = work / "fedlrm.yaml"
@@ -189,11 +200,23 @@ def cmd_flower(args) -> int:
     # flwr builds the app from a folder; a copy keeps the installed package read-only
     app = write_app(work / "app", overwrite=True)
     start = time.perf_counter()
-    print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'deployment' / 'logs'})", flush=True)
-    with LocalDeployment(work / "deployment", n, nodes, tls=args.tls or args.auth, auth=args.auth) as dep:
+    run_config = {"config-file": str(config_file)}
+    if simulation is not None:
+        run_config["client-state-dir"] = str(work)  # virtual SuperNodes have no node config of their own
+        print(f"starting a SuperLink with Flower's Simulation Runtime ({n} virtual SuperNodes on Ray actors of "
+              f"{args.client_cpus:g} CPU, {args.client_gpus:g} GPU each) on 127.0.0.1 "
+              f"(logs: {work / 'deployment' / 'logs'})", flush=True)
+        deployment = LocalDeployment(work / "deployment", n, nodes, simulation=simulation)
+        if args.ray_address:  # Flower's Ray backend calls ray.init(), which joins the cluster RAY_ADDRESS names
+            deployment.extra_env["RAY_ADDRESS"] = args.ray_address
+    else:
+        print(f"starting a SuperLink and {n} SuperNodes on 127.0.0.1 (logs: {work / 'deployment' / 'logs'})",
+              flush=True)
+        deployment = LocalDeployment(work / "deployment", n, nodes, tls=args.tls or args.auth, auth=args.auth)
+    with deployment as dep:
         if args.auth:
             dep.write_client_keys(keys_file)
-        result = dep.run(app, {"config-file": str(config_file)}, timeout=args.timeout, poll=5.0)
+        result = dep.run(app, run_config, timeout=args.timeout, poll=5.0)
     print(result.logs[-4000:] if not result.ok else "", end="")
     if not result.ok:
         raise FedLRMError(f"the Flower run ended {result.status}: {result.details}; logs are in {work}")
@@ -231,6 +254,22 @@ def cmd_configs(args) -> int:
         table.add_row(name, first.split(": ")[0])  # its heading comment, to the first colon
     wide_console().print(table)
     return 0
+
+
+def simulation_backend(args) -> dict:
+    """The Simulation Runtime's backend options from `fedlrm flower`'s arguments, checked before
+    anything starts."""
+    import importlib.util
+
+    if args.tls or args.auth:
+        raise ConfigError("--tls and --auth secure SuperNodes of the deployment runtime; the Simulation Runtime has "
+                          "none (drop them, or use --runtime deployment)")
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("--runtime simulation needs Ray: pip install 'fedlrm[simulation]' (flwr[simulation])")
+    if not args.client_cpus > 0 or not args.client_gpus >= 0:  # NaN fails too
+        raise ConfigError(f"--client-cpus must be above 0 and --client-gpus 0 or more, got {args.client_cpus} and "
+                          f"{args.client_gpus}")
+    return {"client-resources-num-cpus": args.client_cpus, "client-resources-num-gpus": float(args.client_gpus)}
 
 
 def cmd_flower_app(args) -> int:

@@ -213,6 +213,12 @@ class LocalDeployment:
         :meth:`write_client_keys` binds each SuperNode's client id to its key for the ServerApp.
     superexec_poll_interval : sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (s, default 1.0
         in Flower) - how often SuperExec asks for new ServerApp/ClientApp tasks.
+    simulation : instead of SuperNodes, Flower's Simulation Runtime: the SuperLink runs with
+        ``--simulation`` and each run is a ``flwr-simulation`` process that drives
+        ``num_supernodes`` virtual SuperNodes on a pool of Ray actors. The mapping holds
+        ``flwr run --federation-config`` keys, e.g. ``client-resources-num-cpus`` (whole
+        CPUs in flwr 1.41) and ``client-resources-num-gpus`` (fractions share a GPU);
+        node configs are Flower's (``partition-id``, ``num-partitions``).
 
     The SuperLink keeps its state in ``<work_dir>/superlink/state.db``, made afresh by
     :meth:`start`. The class attributes below are the waits.
@@ -240,6 +246,7 @@ class LocalDeployment:
         tls: bool = False,
         auth: bool = False,
         superexec_poll_interval: float | None = None,
+        simulation: Mapping[str, Any] | None = None,
     ) -> None:
         if auth and not tls:
             raise ValueError("SuperNode authentication requires tls=True in Flower 1.41")
@@ -254,6 +261,9 @@ class LocalDeployment:
         if len(node_configs) != self.num_supernodes:
             raise ValueError("need exactly one node config per SuperNode")
         self.node_configs = [dict(c) for c in node_configs]
+        self.simulation = dict(simulation) if simulation is not None else None
+        if self.simulation is not None and (tls or auth):
+            raise ValueError("the Simulation Runtime has no SuperNodes to authenticate; run it without tls/auth")
         self.tls = tls
         self.auth = auth
         self.tls_paths: TlsPaths | None = None
@@ -407,9 +417,10 @@ class LocalDeployment:
         if self.tls and self.tls_paths is None:
             self.tls_paths = generate_tls_certs(self.work_dir / "certs")
         self.start_superlink()
-        for i in range(self.num_supernodes):
+        nodes = range(self.num_supernodes) if self.simulation is None else ()  # simulated: no processes
+        for i in nodes:
             self.start_supernode(i, wait=False)
-        for i in range(self.num_supernodes):
+        for i in nodes:
             self._wait_supernode(i)
         self.timings["startup_s"] = time.monotonic() - t0
         return self
@@ -486,6 +497,8 @@ class LocalDeployment:
             cmd.append("--insecure")
         if self.auth:
             cmd.append("--enable-supernode-auth")
+        if self.simulation is not None:
+            cmd.append("--simulation")
         Path(self.database).parent.mkdir(parents=True, exist_ok=True)
         return cmd + ["--database", self.database, "--disable-runtime-dependency-installation"]
 
@@ -680,6 +693,9 @@ class LocalDeployment:
             args += ["--run-config", str(path)]
         if federation:
             args += ["--federation", federation]
+        if self.simulation is not None:
+            options = {"num-supernodes": self.num_supernodes, **self.simulation}
+            args += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in options.items())]
         data = self.flwr_json(*args)
         return int(data["run-id"])
 
