@@ -10,12 +10,32 @@ from flwr.app import Context, RecordDict
 
 from fedlrm.algorithms import get_algorithm, load_config
 from fedlrm.errors import DataError
-from fedlrm.federation.flower.client_app import NodeClient, client_id_of
+from fedlrm.federation.flower.client_app import client_id_of
+from fedlrm.federation.flower.node import NodeClient
 from fedlrm.federation.flower.protocol import read_fields, request_fields
 from fedlrm.federation.server import Server
 from fedlrm.federation.task import build_model
 from fedlrm.federation.wire import decode, encode
 from fedlrm.models import load_backbone
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """A ClientApp sets torch's thread count for its process; this test process keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_client_app_runs_one_torch_thread_unless_its_node_config_says_otherwise(tiny_overrides, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = load_config(None, tiny_overrides)
+    payload = first_message(cfg)
+    node({"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "a")}, cfg, payload, 1)
+    assert torch.get_num_threads() == 1
+    node({"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "a"), "threads": 2}, cfg, payload, 1)
+    assert torch.get_num_threads() == 2
 
 
 def context(node_config: dict) -> Context:
@@ -68,3 +88,17 @@ def test_a_data_dir_without_splits_is_refused(tiny_overrides, tmp_path):
     cfg = load_config(None, tiny_overrides + ["algorithm=fedavg"])
     with pytest.raises(DataError, match="neither train.parquet"):
         node({"client-id": 0, "data-dir": str(tmp_path), "state-dir": str(tmp_path / "s")}, cfg, b"", 1)
+
+
+def test_the_client_app_answers_a_query_without_importing_torch():
+    """Flower loads the ClientApp module for every message; a query needs neither torch nor the model."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from fedlrm.federation.flower import client_app, protocol\n"
+            "assert client_app.client_id_of({'partition-id': 2, 'num-partitions': 3}) == 2\n"
+            "assert client_app.app is not None and protocol.reply is not None\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors.torch') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,17 +11,23 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedlrm.algorithms import State, config_from_dict
-from fedlrm.config import RunConfig, to_dict
-from fedlrm.federation.wire import decode, encode
+if TYPE_CHECKING:
+    from fedlrm.algorithms import State
+    from fedlrm.config import RunConfig
+
+# The imports of torch and the configuration stay inside the functions that need them: the
+# ClientApp answers a query with `reply` alone, without importing torch.
 
 STATE, META, METRICS, INFO = "state", "fedlrm", "metrics", "info"
 
 
 def pack_state(payload: bytes) -> ArrayRecord:
+    from fedlrm.federation.wire import decode
+
     state = decode(payload)
     return ArrayRecord(torch_state_dict={k: v.contiguous() for k, v in state.items()}) if state else ArrayRecord()
 
@@ -30,10 +36,14 @@ def unpack_state(record: ArrayRecord | None) -> bytes:
     """The wire bytes of a record's tensors, so both runtimes count and check the same thing."""
     if record is None or len(record) == 0:
         return b""
+    from fedlrm.federation.wire import encode
+
     return encode(dict(record.to_torch_state_dict()))
 
 
 def request_fields(*, round_index: int, client: int, run_key: str, cfg: RunConfig, final: bool = False) -> dict:
+    from fedlrm.config import to_dict
+
     return {"round": round_index, "client": client, "run-key": run_key, "run-config": json.dumps(to_dict(cfg)),
             "final": final}
 
@@ -43,6 +53,8 @@ def request(payload: bytes, **fields) -> RecordDict:
 
 
 def read_fields(meta: dict) -> tuple[dict, RunConfig]:
+    from fedlrm.algorithms import config_from_dict
+
     return dict(meta), config_from_dict(json.loads(str(meta["run-config"])))
 
 
