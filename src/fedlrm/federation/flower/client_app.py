@@ -22,8 +22,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedlrm.errors import DataError
-from fedlrm.federation.flower.protocol import reply
+from fedlrm.federation.flower.protocol import client_id_of, reply
 
 
 def secagg_when_asked(message: Message, context: Context, call_next):
@@ -62,15 +61,3 @@ def query(message: Message, context: Context) -> Message:
     federation.client_keys the server believes it only if the SuperLink holds that client's key for
     this node (identity.py), so the answer needs no proof of its own."""
     return reply(message, client=client_id_of(context.node_config))
-
-
-# ----------------------------------------------------------------------------- the client
-def client_id_of(node_config) -> int:
-    if "partition-id" in node_config:
-        return int(node_config["partition-id"])
-    if "client-id" in node_config:
-        return int(node_config["client-id"])
-    raise DataError("this SuperNode's node config names neither `partition-id` (with `num-partitions`) nor "
-                    "`client-id` (with `data-dir`); start it with e.g. --node-config 'partition-id=0 num-partitions=3'")
-
-

@@ -34,8 +34,7 @@ from fedlrm.data import ClientSplit, ImageSet, load_federated_data
 from fedlrm.errors import DataError, FedLRMError
 from fedlrm.federation.client import Client
 from fedlrm.federation.export import save_personalized
-from fedlrm.federation.flower.client_app import client_id_of
-from fedlrm.federation.flower.protocol import digest, read_fields, read_request, reply
+from fedlrm.federation.flower.protocol import client_id_of, digest, read_fields, read_request, reply
 from fedlrm.federation.flower.secagg import to_arrays
 from fedlrm.federation.task import build_model, resolve_device
 from fedlrm.federation.wire import decode

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedlrm.errors import DataError
+
 if TYPE_CHECKING:
     from fedlrm.algorithms import State
     from fedlrm.config import RunConfig
@@ -95,3 +97,13 @@ def pull_replies(grid, message_ids: set[str], timeout: float | None, poll: float
         if pending:
             time.sleep(poll)
     return replies
+
+
+def client_id_of(node_config) -> int:
+    """The client a SuperNode serves, from its node config."""
+    if "partition-id" in node_config:
+        return int(node_config["partition-id"])
+    if "client-id" in node_config:
+        return int(node_config["client-id"])
+    raise DataError("this SuperNode's node config names neither `partition-id` (with `num-partitions`) nor "
+                    "`client-id` (with `data-dir`); start it with e.g. --node-config 'partition-id=0 num-partitions=3'")
