@@ -84,6 +84,17 @@ def make_parquet_dataset(folder, per_class_train=12, per_class_test=8, seed=0):
     return paths
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A run with train.threads (or a ClientApp) sets torch's thread count for the process; every
+    test starts with the count this test process had."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     return str(make_tiny_clip_dir(tmp_path_factory.mktemp("tiny-clip")))

@@ -19,14 +19,6 @@ from fedlrm.federation.wire import decode, encode
 from fedlrm.models import load_backbone
 
 
-@pytest.fixture(autouse=True)
-def torch_threads():
-    """A ClientApp sets torch's thread count for its process; this test process keeps its own."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_client_app_runs_one_torch_thread_unless_its_node_config_says_otherwise(tiny_overrides, tmp_path,
                                                                                    monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -22,6 +22,9 @@ from fedlrm.tools.deployment import LocalDeployment, pid_alive
 pytestmark = pytest.mark.flower
 APP = app_source()  # the Flower app folder shipped in the package
 NODES = 3
+# A ClientApp runs one torch thread; the in-process run it is compared with must too, since the
+# thread count changes the order of float sums (results then differ by ~1e-5, not 0)
+SAME_THREADS = ["train.threads=1"]
 
 
 def node_configs(tmp_path, n=NODES):
@@ -62,7 +65,7 @@ def assert_all_ended(pids):
 
 
 def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home(tiny_overrides, tmp_path):
-    overrides = tiny_overrides + ["algorithm=fedlrm", "train.rounds=2", f"output_dir={tmp_path / 'runs'}"]
+    overrides = tiny_overrides + SAME_THREADS + ["algorithm=fedlrm", "train.rounds=2", f"output_dir={tmp_path / 'runs'}"]
     started = []
     with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path), tls=True, auth=True) as dep:
         started += dep.spawned_pids()
@@ -94,7 +97,7 @@ def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home
 
 def test_crashed_and_frozen_clients_are_left_out_and_rejoin_with_the_current_state(tiny_overrides, tmp_path):
     run_dir = tmp_path / "runs" / "faults"
-    overrides = tiny_overrides + ["algorithm=fedavg", "train.rounds=4", f"output_dir={tmp_path / 'runs'}",
+    overrides = tiny_overrides + SAME_THREADS + ["algorithm=fedavg", "train.rounds=4", f"output_dir={tmp_path / 'runs'}",
                                   "name=faults", "federation.min_clients=1", "federation.round_timeout=40"]
     started = []
     with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
@@ -135,7 +138,7 @@ def test_crashed_and_frozen_clients_are_left_out_and_rejoin_with_the_current_sta
 
 def test_a_killed_server_resumes_from_its_checkpoint_to_the_uninterrupted_result(tiny_overrides, tmp_path):
     run_dir = tmp_path / "runs" / "resumed"
-    overrides = tiny_overrides + ["algorithm=fedlrm", "train.rounds=3", f"output_dir={tmp_path / 'runs'}"]
+    overrides = tiny_overrides + SAME_THREADS + ["algorithm=fedlrm", "train.rounds=3", f"output_dir={tmp_path / 'runs'}"]
     started = []
     with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
         started += dep.spawned_pids()
@@ -173,7 +176,7 @@ def csv_rows(path: Path) -> list[dict]:
 def test_secure_aggregation_gives_the_server_only_the_mean_and_matches_plain_averaging(tiny_overrides, tmp_path):
     from safetensors.torch import load_file
 
-    overrides = tiny_overrides + ["algorithm=fedavg", "train.rounds=2", f"output_dir={tmp_path / 'runs'}"]
+    overrides = tiny_overrides + SAME_THREADS + ["algorithm=fedavg", "train.rounds=2", f"output_dir={tmp_path / 'runs'}"]
     started = []
     with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
         started += dep.spawned_pids()
