@@ -7,11 +7,11 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 from fedlrm.config import DataConfig
 from fedlrm.data import partition as part
-from fedlrm.data.imageset import (ClientSplit, FederatedData, ImagePool, ImageSet, Preprocess)
+from fedlrm.data.imageset import (ClientSplit, FederatedData, ImagePool, ImageSet, Preprocess,
+                                  preprocess_images)
 from fedlrm.data.sources import Split, _short, load_source, readable
 from fedlrm.errors import DataError
 
@@ -67,7 +67,7 @@ def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
 
     train_needed = np.unique(np.concatenate(client_train))
     test_needed = np.unique(np.concatenate(client_test + [global_rows]))
-    probe = _preprocess(preprocess, source.train.load(train_needed[:1]))
+    probe = preprocess_images(preprocess, source.train.load(train_needed[:1]))
     per_image = probe[0].numel() * 4
     train_bytes, test_bytes = len(train_needed) * per_image, len(test_needed) * per_image
     cache_train = train_bytes <= limit
@@ -116,15 +116,6 @@ def _exclude(names: list[str], train: np.ndarray, test: np.ndarray,
     new_id = np.full(len(names), -1, dtype=np.int64)
     new_id[kept] = np.arange(len(kept))
     return [names[i] for i in kept], new_id[train], new_id[test]
-
-
-def _preprocess(preprocess: Preprocess, images: list) -> torch.Tensor:
-    out = preprocess(images)
-    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(images):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise TypeError(f"preprocess must map {len(images)} images to a tensor "
-                        f"({len(images)}, 3, H, W); it returned {shape}")
-    return out.float()
 
 
 def _verify(split: Split, rows: np.ndarray) -> None:

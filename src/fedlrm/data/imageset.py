@@ -15,6 +15,16 @@ from fedlrm.data.sources import Split
 Preprocess = Callable[[list[PIL.Image.Image]], torch.Tensor]
 
 
+def preprocess_images(preprocess: Preprocess, images: list[PIL.Image.Image]) -> torch.Tensor:
+    """`preprocess(images)` as float32, refused (TypeError) unless it is one (n, 3, H, W) tensor."""
+    out = preprocess(images)
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(images):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"preprocess must map {len(images)} images to a tensor "
+                        f"({len(images)}, 3, H, W); it returned {shape}")
+    return out.float()
+
+
 class ImagePool:
     """The images of one source split that some ImageSet uses (`rows`, sorted, unique).
 
@@ -65,15 +75,10 @@ class ImagePool:
     def _decode(self, positions: torch.Tensor) -> torch.Tensor:
         images = self.split.load(self.rows[positions.numpy()])
         try:
-            out = self.preprocess(images)
+            return preprocess_images(self.preprocess, images)
         finally:
             for image in images:
                 image.close()
-        if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != len(images):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise TypeError(f"preprocess must map {len(images)} images to a tensor "
-                            f"({len(images)}, 3, H, W); it returned {shape}")
-        return out.float()
 
     @property
     def where(self) -> str:

@@ -318,7 +318,7 @@ def verify_checkpoint(run_dir: Path, cfg: RunConfig, server, clients: Iterable[i
         raise _damaged(path, f"record.json holds a record, but {algo.name} keeps none")
     with torch.random.fork_rng(devices=[]):  # the checks build adapters; the run's random numbers stay its own
         try:
-            _check_tensors(path, ckpt, cfg, server, expected)
+            _check_tensors(path, ckpt, cfg, server)
         finally:
             initial = algo.layout_of({})
             if server.bundle.layout != initial:
@@ -369,7 +369,7 @@ def _check_rounds(path: Path, ckpt: Checkpoint, cfg: RunConfig, algo, num_client
                              f"{counted}")
 
 
-def _check_tensors(path: Path, ckpt: Checkpoint, cfg: RunConfig, server, clients: list[int]) -> None:
+def _check_tensors(path: Path, ckpt: Checkpoint, cfg: RunConfig, server) -> None:
     algo, bundle = server.algorithm, server.bundle
     initial = algo.layout_of({})
     if bundle.layout != initial:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 State = dict[str, torch.Tensor]
 FOLDER = "client_states"
@@ -70,10 +70,6 @@ class PrivateStates(Mapping):
     def put(self, client: int, state: State) -> None:
         self._memory[client] = {k: v.detach().cpu() for k, v in state.items()}
 
-    def clear(self) -> None:
-        self._memory.clear()
-        self._files.clear()
-
     # ------------------------------------------------------------------ on disk
     def bind(self, folder: Path) -> None:
         """Keep the states on disk in `folder` from the next `flush` on."""
@@ -88,11 +84,11 @@ class PrivateStates(Mapping):
             self.folder.mkdir(parents=True, exist_ok=True)
         for client, state in sorted(self._memory.items()):
             name = f"client{client}-round{round_index}.safetensors"
+            data = save({k: v.contiguous() for k, v in state.items()})
             tmp = self.folder / f".{name}.tmp"
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
-            digest = sha256(tmp)
+            tmp.write_bytes(data)
             os.replace(tmp, self.folder / name)
-            self._files[client] = (name, digest)
+            self._files[client] = (name, hashlib.sha256(data).hexdigest())
         self._memory.clear()
         return dict(self._files)
 

@@ -47,7 +47,7 @@ DATA_CACHE_BYTES = 1 << 30  # clients' preprocessed images a long-lived ClientAp
 # model built for the run it serves, and clients' images. A process of the deployment runtime
 # serves one message, and so finds both empty.
 _models: dict[str, tuple] = {}
-_data: OrderedDict[str, tuple[list[str], ClientSplit, int]] = OrderedDict()
+_data: OrderedDict[str, tuple[list[str], ClientSplit, int]] = OrderedDict()  # names, split, bytes
 
 
 def train(message: Message, context: Context) -> Message:
@@ -123,20 +123,18 @@ class NodeClient:
 
     # ----- data
     def cached_data(self, preprocess) -> tuple[list[str], ClientSplit]:
-        """`load_data`, kept in this process for later messages (most recently used first out last)."""
+        """`load_data`, kept in this process for later messages; the least recently used goes first."""
         key = json.dumps([str(self.meta["run-key"]), self.client_id, str(self.state_dir)])
-        if key in _data:
-            _data.move_to_end(key)
-            names, split, _ = _data[key]
-            return names, split
-        names, split = self.load_data(preprocess)
-        size = sum(part._pool.tensor.numel() * 4 for part in (split.train, split.test) if part._pool.tensor is not None)
-        _data[key] = (names, split, size)
-        while len(_data) > 1 and sum(entry[2] for entry in _data.values()) > DATA_CACHE_BYTES:
-            _data.popitem(last=False)
+        if key not in _data:
+            _data[key] = self.load_data(preprocess)
+            while len(_data) > 1 and sum(entry[2] for entry in _data.values()) > DATA_CACHE_BYTES:
+                _data.popitem(last=False)
+        _data.move_to_end(key)
+        names, split, _ = _data[key]
         return names, split
 
-    def load_data(self, preprocess) -> tuple[list[str], ClientSplit]:
+    def load_data(self, preprocess) -> tuple[list[str], ClientSplit, int]:
+        """The client's class names, its split and the bytes its tensors take."""
         cfg = self.cfg
         data_cfg = cfg.data
         if "data-dir" in self.node_config:
@@ -166,7 +164,7 @@ class NodeClient:
             cache.with_suffix(".json").write_text(json.dumps(names))
         split = ClientSplit(self.client_id, ImageSet.from_tensors(tensors["train.images"], tensors["train.labels"]),
                             ImageSet.from_tensors(tensors["test.images"], tensors["test.labels"]))
-        return names, split
+        return names, split, sum(t.numel() * t.element_size() for t in tensors.values())
 
     # ----- private state on disk
     def private_file(self, round_index: int) -> Path:
