@@ -94,3 +94,79 @@ def test_the_client_app_answers_a_query_without_importing_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'safetensors.torch') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def content_of(cfg, node_config, payload, round_index, evaluation=None):
+    from fedlrm.federation.flower.protocol import request
+
+    return request(payload, round_index=round_index, client=client_id_of(node_config), run_key="test-run", cfg=cfg,
+                   evaluation=evaluation)
+
+
+def test_a_training_message_that_carries_the_round_before_evaluates_it_first_as_an_evaluation_message_would(
+        tiny_overrides, tmp_path):
+    from fedlrm.errors import FedLRMError
+    from fedlrm.federation.flower import node as handlers
+    from fedlrm.federation.flower.protocol import EVALUATION_PREFIX, METRICS, request
+
+    cfg = load_config(None, tiny_overrides + ["algorithm=fedlrm", "train.threads=1"])
+    config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "n0")}
+    payload = first_message(cfg)
+    handlers.train(content_of(cfg, config, payload, 1), context(config))
+    alone = handlers.evaluate(content_of(cfg, config, payload, 1), context(config))[METRICS]
+    other = encode({k: 2 * v for k, v in decode(payload).items()})  # tensors of their own travel beside the others
+    assert "evaluate-state" in request(payload, evaluation=(1, other), round_index=2, client=0, run_key="k", cfg=cfg)
+    assert "evaluate-state" not in request(payload, evaluation=(1, payload), round_index=2, client=0, run_key="k",
+                                           cfg=cfg)
+    both = handlers.train(content_of(cfg, config, payload, 2, evaluation=(1, payload)), context(config))[METRICS]
+    for name in ("accuracy", "loss", "n_test", "n_train"):
+        assert both[EVALUATION_PREFIX + name] == alone[name], name
+    assert both["num_examples"] > 0 and "train_loss" in both
+    with pytest.raises(FedLRMError, match="only the round before"):
+        handlers.train(content_of(cfg, config, payload, 3, evaluation=(1, payload)), context(config))
+
+
+def test_the_supernode_worker_answers_as_the_client_app_would_and_keeps_its_process(tiny_overrides, tmp_path):
+    """Flower starts a process per message; the worker that the ClientApp hands training to keeps
+    one process (and its model) for later messages, gives the replies the ClientApp gives, and
+    ends when the process it watches is gone."""
+    import subprocess
+    import sys
+    import time
+
+    from fedlrm.federation.flower import node as handlers
+    from fedlrm.federation.flower import worker
+    from fedlrm.federation.flower.protocol import METRICS, STATE, unpack_state
+
+    cfg = load_config(None, tiny_overrides + ["algorithm=fedlrm", "train.threads=1"])
+    here = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "here")}
+    there = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "there")}
+    payload = first_message(cfg)
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands for the SuperExec
+    try:
+        pids = set()
+        for r in (1, 2):
+            expected = handlers.train(content_of(cfg, here, payload, r), context(here))
+            got = worker.call("train", content_of(cfg, there, payload, r), context(there), tmp_path / "there",
+                              watch=watched.pid)
+            figures = [{k: v for k, v in reply[METRICS].items() if "seconds" not in k} for reply in (got, expected)]
+            assert figures[0] == figures[1] and figures[0]["num_examples"] > 0
+            assert unpack_state(got[STATE]) == unpack_state(expected[STATE])
+            pids |= {int(line.split()[1]) for line in (tmp_path / "there" / "worker.log").read_text().splitlines()
+                     if line.startswith("worker ")}
+        assert len(pids) == 1, "the second message found the worker of the first"
+        assert (tmp_path / "there" / "runs" / "test-run" / "client0").is_dir()  # its state went to its own disk
+        with pytest.raises(Exception, match="the ClientApp worker failed"):  # an error reaches the caller
+            worker.call("train", content_of(cfg, there, payload, 3, evaluation=(1, payload)), context(there),
+                        tmp_path / "there", watch=watched.pid)
+    finally:
+        watched.kill()
+        watched.wait()
+    (pid,) = pids
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and \
+            "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]:
+        time.sleep(0.2)
+    alive = Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    assert not alive, "the worker outlived the process it watched"
+    assert not worker.socket_path(tmp_path / "there").exists()

@@ -285,7 +285,7 @@ def test_a_rogue_node_never_enters_the_client_map_nor_displaces_the_genuine_one(
 
     # the round's messages go to the genuine nodes only; refused nodes are not asked again
     payload = encode({"w": torch.zeros(2)})
-    answers = t.send("train", 2, {0: payload, 1: payload})
+    answers, _ = t.exchange(2, {0: payload, 1: payload}, {}, 2)
     assert sorted(answers) == [0, 1]
     assert [m.content["fedlrm"]["client"] for m in grid.sent_to(11, MessageType.TRAIN)] == [0]
     for node in (13, 14, 15, 16):
@@ -466,9 +466,9 @@ def test_a_rogue_supernode_with_a_key_of_its_own_gets_none_of_the_client_it_clai
 
     # the genuine client 0 trained every round and holds its private state and final adapters
     crossed = _records(run_dir)
-    for kind in ("train", "evaluate"):
-        assert sorted(r["round"] for r in crossed if (r["client"], r["kind"], r["direction"]) == (0, kind, "up")) \
-            == [1, 2]
+    ups = {(r["kind"], r["round"]): r for r in crossed if (r["client"], r["direction"]) == (0, "up")}
+    assert sorted(ups) == [("evaluate", 2), ("train", 1), ("train", 2)]
+    assert "evaluation.accuracy" in ups[("train", 2)]["metrics"]  # round 1's evaluation came with round 2's training
     (genuine,) = (tmp_path / "node0" / "runs").iterdir()
     assert list((genuine / "client0").glob("private-round0002.safetensors"))
     assert any((genuine / "adapters").rglob("*.safetensors"))

@@ -74,7 +74,10 @@ def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home
         result = dep.run(APP, flower_run_config(overrides + ["name=flower"]), timeout=900)
         started += dep.spawned_pids()
         assert result.ok, result.logs[-4000:]
-    assert_all_ended(started)
+    assert_all_ended(started)  # the SuperNodes' workers too
+    for i in range(NODES):  # each SuperNode's ClientApps handed their work to one worker, for the whole run
+        log = (tmp_path / f"node{i}" / "worker.log").read_text()
+        assert sum(line.startswith("worker ") for line in log.splitlines()) == 1 and "Traceback" not in log
 
     flower = json.loads((tmp_path / "runs" / "flower" / "summary.json").read_text())
     in_process = run_experiment(load_config(None, overrides + ["name=in-process"]), progress=False)
@@ -85,8 +88,19 @@ def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home
         assert flower["per_client_accuracy"][str(c)] == pytest.approx(acc, abs=1e-6)
     assert flower["global_accuracy"] == pytest.approx(local["global_accuracy"], abs=1e-6)
 
+    # round 1's evaluation travelled with round 2's training (one ClientApp process per client and
+    # round) and gave the rows an evaluation right after round 1 gives
+    flower_rows = {(int(r["round"]), int(r["client"])): float(r["accuracy"])
+                   for r in csv_rows(tmp_path / "runs" / "flower" / "metrics.csv")}
+    local_rows = {(r["round"], r["client"]): r["accuracy"] for r in in_process.client_rows}
+    assert flower_rows.keys() == local_rows.keys() and {r for r, _ in flower_rows} == {1, 2}
+    for key, acc in local_rows.items():
+        assert flower_rows[key] == pytest.approx(acc, abs=1e-6), key
     crossed = records(tmp_path / "runs" / "flower")
     assert {(r["kind"], r["direction"]) for r in crossed} == {(k, d) for k in ("train", "evaluate") for d in ("up", "down")}
+    assert {r["round"] for r in crossed if r["kind"] == "evaluate"} == {2}
+    assert all(r.get("evaluates_round") == 1 for r in crossed if (r["round"], r["kind"], r["direction"]) ==
+               (2, "train", "down"))
     for r in crossed:
         for key, shape in r["tensors"].items():
             assert ".experts.global." in key, f"{key} crossed the network ({r['kind']} {r['direction']})"

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from fedlrm.adapters import AdaptedLinear, adapter_parameters, get_state
 from fedlrm.algorithms.base import Algorithm, ServerState, State
@@ -48,6 +47,9 @@ def split(z: torch.Tensor, d_in: int, dtype) -> tuple[torch.Tensor, torch.Tensor
 def align(z: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """Reorder the rows of `z` to match `reference`; returns them with the transport cost
     (sum of squared distances) before and after."""
+    # imported here: scipy.optimize takes 0.4 s, and every ClientApp process imports the algorithms
+    from scipy.optimize import linear_sum_assignment
+
     cost = torch.cdist(z, reference).pow(2).numpy()
     rows, cols = linear_sum_assignment(cost)
     order = np.empty_like(cols)

@@ -75,6 +75,9 @@ class Checkpoint:
     max_upload_params: int = 0
     #: the run configuration, as `canonical_config` gives it (None: written without one, e.g. by a test)
     config: dict | None = None
+    #: an evaluation of this round still on its way (Flower: it travels with the next round's training
+    #: messages): {"round", "clients", "trained": client -> what its row says of its training}; None: none
+    pending_evaluation: dict | None = None
 
 
 # ---------------------------------------------------------------------------- the run configuration
@@ -112,7 +115,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     files = store.flush(ckpt.round)  # only the states that changed since the last checkpoint
     meta = {"round": ckpt.round, "clients": sorted(files), "client_rows": ckpt.client_rows,
             "round_rows": ckpt.round_rows, "rejections": [dataclasses.asdict(x) for x in ckpt.rejections],
-            "max_upload_params": ckpt.max_upload_params}
+            "max_upload_params": ckpt.max_upload_params, "pending_evaluation": ckpt.pending_evaluation}
     (tmp / "state.json").write_text(json.dumps(meta))
     # Last, over the finished files: a checkpoint without its manifest is never resumed.
     manifest = {"format": FORMAT, "round": ckpt.round, "config_sha256": config_sha256(ckpt.config),
@@ -188,7 +191,7 @@ def read_checkpoint(path: Path, record_type: type | None) -> Checkpoint:
     clients = _client_states(path, manifest, meta)
     rejections = [Rejection(x["round"], x["client"], x["reason"]) for x in meta["rejections"]]
     return Checkpoint(meta["round"], ServerState(weights, record), clients, meta["client_rows"], meta["round_rows"],
-                      rejections, meta["max_upload_params"], manifest["config"])
+                      rejections, meta["max_upload_params"], manifest["config"], meta.get("pending_evaluation"))
 
 
 def _read_manifest(path: Path) -> dict:
@@ -264,6 +267,14 @@ def _read_state(path: Path) -> dict:
     if not all(isinstance(x, dict) and _is(x.get("round"), int) and _is(x.get("client"), int)
                and isinstance(x.get("reason"), str) for x in meta["rejections"]):
         raise _damaged(path, "state.json's rejections are not all (round, client, reason)")
+    pending = meta.get("pending_evaluation")
+    if pending is not None and not (
+            isinstance(pending, dict) and pending.get("round") == meta["round"]
+            and isinstance(pending.get("clients"), list) and all(_is(c, int) for c in pending["clients"])
+            and isinstance(pending.get("trained"), dict)
+            and all(isinstance(v, dict) for v in pending["trained"].values())):
+        raise _damaged(path, "state.json's pending_evaluation is not an evaluation of its round (round, clients, "
+                             "trained)")
     return meta
 
 
@@ -363,6 +374,9 @@ def _check_rounds(path: Path, ckpt: Checkpoint, cfg: RunConfig, algo, num_client
     if any(not first <= row["round"] <= ckpt.round or row.get("client") not in range(num_clients)
            for row in ckpt.client_rows):
         raise _damaged(path, "state.json has client metrics of rounds or clients this run does not have")
+    pending = ckpt.pending_evaluation
+    if pending is not None and any(c not in range(num_clients) for c in pending["clients"]):
+        raise _damaged(path, "state.json's pending_evaluation names clients this run does not have")
     counted = sum(row.get("clients_rejected", 0) for row in ckpt.round_rows)
     if counted != len(ckpt.rejections) or any(not first <= x.round <= ckpt.round for x in ckpt.rejections):
         raise _damaged(path, f"state.json lists {len(ckpt.rejections)} rejected upload(s), but its rounds count "

@@ -182,6 +182,11 @@ class Server:
         if run_dir is not None and privacy.enabled(cfg.privacy):
             privacy.write_privacy_report(run_dir, cfg.privacy, cfg.train.rounds)
         messages: list[Message] = []
+        # A transport that can carry round r's evaluation with round r + 1's training messages
+        # (one ClientApp process per client and round on Flower) gets it so; the last round's
+        # full evaluation always goes on its own. SecAgg+ training messages carry nothing else.
+        defer = hasattr(transport, "train_and_evaluate") and not cfg.privacy.secagg
+        pending = ckpt.pending_evaluation if ckpt is not None else None
         bar = tqdm(range(start, last + 1), desc=f"{algo.name} rounds", disable=not self.progress, unit="round")
         reporter = RoundReporter(algo.name, last, run_dir / "tensorboard" if run_dir is not None and
                                  cfg.report.tensorboard else None, start_round=start)
@@ -191,6 +196,12 @@ class Server:
             sent = {c: encode(algo.message_for(state, c, r)) for c in sampled}
             rejected_before = len(self.rejections)
             self.round_norms, self.round_clipped = {}, 0
+            late_evals: dict[int, EvalReply] = {}
+            if pending is not None:  # state is still that of round pending["round"]
+                p = pending["round"]
+                late = {c: encode(algo.message_for(state, c, p)) for c in pending["clients"]}
+                if not defer:  # a run resumed by a transport that cannot carry it: on its own, first
+                    late_evals = transport.evaluate(p, late)
             if cfg.privacy.secagg and sent:
                 uploads, answered = self.secure_round(transport, r, sent)
                 contributors = answered if uploads else 0
@@ -199,7 +210,10 @@ class Server:
                 bytes_up = sum(len(encode(u.state)) for u in uploads) * answered
                 bytes_down = sum(len(m) for m in sent.values())
             else:
-                replies = transport.train(r, sent) if sent else {}
+                if pending is not None and defer:
+                    replies, late_evals = transport.train_and_evaluate(r, sent, p, late)
+                else:
+                    replies = transport.train(r, sent) if sent else {}
                 for c, reply in replies.items():
                     messages += [Message(r, c, "down", sent[c]), Message(r, c, "up", reply.upload)]
                 for c in sorted(set(sent) - set(replies)):
@@ -209,18 +223,29 @@ class Server:
                 answered, contributors = len(replies), len(uploads)
                 bytes_up = sum(len(x.upload) for x in replies.values())
                 bytes_down = sum(len(sent[c]) for c in replies)
+            late_rows = []
+            if pending is not None:
+                late_rows = self.finish_evaluation(pending, late_evals, round_rows, reporter)
+                client_rows += late_rows
+                pending = None
             for u in uploads:
                 self.max_upload_params = max(self.max_upload_params, sum(v.numel() for v in u.state.values()))
             if sampled:
                 state = self.aggregate(r, state, uploads, contributors)
             train_seconds = time.perf_counter() - t0
             rows = []
-            if r == last or r % cfg.train.eval_every == 0:
+            evaluating = r == last or r % cfg.train.eval_every == 0
+            trained = self._train_facts(sent, replies)
+            if evaluating:
                 # every client in the last round; before, a sample, so a round costs what it samples
-                evaluated = (range(self.num_clients) if r == last else
+                evaluated = (list(range(self.num_clients)) if r == last else
                              sample_clients(cfg.seed, r, self.num_clients, cfg.train.eval_fraction, "evaluate"))
-                evals = transport.evaluate(r, {c: encode(algo.message_for(state, c, r)) for c in evaluated})
-                rows = self._client_rows(r, evals, sent, replies)
+                if defer and r != last:
+                    pending = {"round": r, "clients": [int(c) for c in evaluated],
+                               "trained": {str(c): facts for c, facts in trained.items()}}
+                else:
+                    evals = transport.evaluate(r, {c: encode(algo.message_for(state, c, r)) for c in evaluated})
+                    rows = self._client_rows(r, evals, trained)
             client_rows += rows
             round_row = {"round": r, "clients_sampled": len(sampled), "clients_answered": answered,
                          "clients_rejected": len(self.rejections) - rejected_before,
@@ -233,7 +258,7 @@ class Server:
                 round_row.update(client_accuracy_stats(rows))
                 bar.set_postfix(acc=f"{round_row['acc_weighted']:.4f}")
             compute = sum(x.compute_seconds for x in replies.values())
-            compute += sum(row["eval_forward_seconds"] for row in rows)
+            compute += sum(row["eval_forward_seconds"] for row in rows + late_rows)  # those ran in this round
             if r == last:
                 global_eval = self.evaluate_global(state, r)
                 compute += global_eval.pop("forward_seconds", 0.0)
@@ -247,9 +272,11 @@ class Server:
             round_rows.append(round_row)
             if run_dir is not None:
                 save_checkpoint(run_dir, Checkpoint(r, state, transport.private_states(), client_rows, round_rows,
-                                                    list(self.rejections), self.max_upload_params, config))
+                                                    list(self.rejections), self.max_upload_params, config,
+                                                    pending))
                 self.write_rejections(run_dir)
-            reporter.round_done(round_row, rows)
+            if pending is None:  # a round whose evaluation is on its way is reported when it arrives
+                reporter.round_done(round_row, rows)
             if stop_after_round is not None and r >= stop_after_round:
                 break
         bar.close()
@@ -257,19 +284,43 @@ class Server:
         return RunResult(run_dir, client_rows, round_rows, self.summarize(client_rows, round_rows), state,
                          transport.private_states(), messages, list(self.rejections))
 
-    def _client_rows(self, r, evals: dict[int, EvalReply], sent, replies) -> list[dict]:
+    def finish_evaluation(self, pending: dict, evals: dict[int, EvalReply], round_rows: list[dict],
+                          reporter: RoundReporter) -> list[dict]:
+        """Round pending["round"]'s evaluation, come back with a later round's training: its
+        client rows; its round row gets the accuracies and is reported now."""
+        p = pending["round"]
+        missing = sorted(set(pending["clients"]) - set(evals))
+        if missing:
+            log.warning("round %d: client(s) %s sent no evaluation of round %d (crashed, left or timed out)",
+                        p + 1, missing, p)
+        trained = {int(c): facts for c, facts in pending["trained"].items()}
+        rows = self._client_rows(p, {c: e for c, e in evals.items() if c in pending["clients"]}, trained)
+        row = next(x for x in round_rows if x["round"] == p)
+        if rows:
+            row.update(client_accuracy_stats(rows))
+        reporter.round_done(row, rows)
+        return rows
+
+    @staticmethod
+    def _train_facts(sent: dict[int, bytes], replies: dict[int, TrainReply]) -> dict[int, dict]:
+        """What a client row says of a client's training this round (kept until its evaluation)."""
+        return {c: {"train_loss": reply.train_loss, "train_seconds": reply.train_seconds,
+                    "bytes_up": len(reply.upload), "bytes_down": len(sent[c]),
+                    "compute_seconds": reply.compute_seconds} for c, reply in replies.items()}
+
+    def _client_rows(self, r, evals: dict[int, EvalReply], trained: dict[int, dict]) -> list[dict]:
         rows = []
         for c, e in sorted(evals.items()):
-            reply = replies.get(c)
+            facts = trained.get(c)
             rows.append({
-                "round": r, "client": c, "sampled": reply is not None,
+                "round": r, "client": c, "sampled": facts is not None,
                 "accuracy": e.accuracy, "loss": e.loss, "n_test": e.n_test, "n_train": e.n_train,
-                "train_loss": reply.train_loss if reply else None,
-                "train_seconds": reply.train_seconds if reply else 0.0,
-                "bytes_up": len(reply.upload) if reply else 0,
-                "bytes_down": len(sent[c]) if reply else 0,
+                "train_loss": facts["train_loss"] if facts else None,
+                "train_seconds": facts["train_seconds"] if facts else 0.0,
+                "bytes_up": facts["bytes_up"] if facts else 0,
+                "bytes_down": facts["bytes_down"] if facts else 0,
                 "eval_seconds": e.seconds,
-                "compute_seconds": reply.compute_seconds if reply else 0.0,
+                "compute_seconds": facts["compute_seconds"] if facts else 0.0,
                 "eval_forward_seconds": e.forward_seconds,
             })
         return rows

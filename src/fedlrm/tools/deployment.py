@@ -247,7 +247,11 @@ class LocalDeployment:
         auth: bool = False,
         superexec_poll_interval: float | None = None,
         simulation: Mapping[str, Any] | None = None,
+        database: bool = True,
     ) -> None:
+        """`database`: the SuperLink keeps its state in an SQLite file (which survives a SuperLink
+        restart) rather than in memory. Under load (10 SuperNodes replying at once on 2 cores) that
+        file's lock was seen to time out, and the SuperNodes whose replies it refused dropped them."""
         if auth and not tls:
             raise ValueError("SuperNode authentication requires tls=True in Flower 1.41")
         self.work_dir = Path(work_dir).resolve()
@@ -270,7 +274,7 @@ class LocalDeployment:
         self.extra_env: dict[str, str] = {}
         if superexec_poll_interval is not None:
             self.extra_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_interval)
-        self.database = str(self.work_dir / "superlink" / "state.db")
+        self.database = str(self.work_dir / "superlink" / "state.db") if database else None
 
         self.deploy_id = uuid.uuid4().hex[:12]
         self.port: int | None = None  # SuperLink HTTP port (Fleet + Control + Runtime)
@@ -412,7 +416,7 @@ class LocalDeployment:
             self._atexit_registered = True
         t0 = time.monotonic()
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in ("", "-wal", "-shm", "-journal") if self.database else ():
             Path(self.database + suffix).unlink(missing_ok=True)
         if self.tls and self.tls_paths is None:
             self.tls_paths = generate_tls_certs(self.work_dir / "certs")
@@ -499,8 +503,10 @@ class LocalDeployment:
             cmd.append("--enable-supernode-auth")
         if self.simulation is not None:
             cmd.append("--simulation")
-        Path(self.database).parent.mkdir(parents=True, exist_ok=True)
-        return cmd + ["--database", self.database, "--disable-runtime-dependency-installation"]
+        if self.database:
+            Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--database", self.database]
+        return cmd + ["--disable-runtime-dependency-installation"]
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.tls:

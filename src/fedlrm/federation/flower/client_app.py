@@ -13,46 +13,60 @@ weights are kept on disk rather than in Flower's `context.state` so that they su
 SuperNode restart and a server that resumes a run as a new Flower run.
 
 This module is what Flower loads for every message, so it imports no torch: a query (which
-client a SuperNode serves) answers at once, and messages that train or evaluate import the
-client's work (`node`) when they arrive.
+client a SuperNode serves) answers at once. Messages that train or evaluate go to the
+SuperNode's worker (`worker`), a process that keeps the model and the client's images between
+messages, since Flower starts a new ClientApp process for every message; with node config
+`worker=false`, or on the Simulation Runtime, this process does the client's work (`node`).
 """
 
 from __future__ import annotations
 
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedlrm.federation.flower.protocol import client_id_of, reply
+from fedlrm.federation.flower import worker
+from fedlrm.federation.flower.protocol import client_id_of, reply, state_dir_of
+
+
+def is_secagg(message: Message) -> bool:
+    return message.has_content() and RECORD_KEY_CONFIGS in message.content.config_records
 
 
 def secagg_when_asked(message: Message, context: Context, call_next):
     """Client mod: run SecAgg+ for training messages that carry its protocol, pass others on."""
-    if message.metadata.message_type == MessageType.TRAIN:
-        from fedlrm.federation.flower.secagg import secagg_when_asked as secure
+    if message.metadata.message_type == MessageType.TRAIN and is_secagg(message):
+        from flwr.client.mod import secaggplus_mod
 
-        return secure(message, context, call_next)
+        return secaggplus_mod(message, context, call_next)
     return call_next(message, context)
 
 
 app = ClientApp(mods=[secagg_when_asked])
 
 
+def work(kind: str, message: Message, context: Context) -> Message:
+    """The reply to a message that trains or evaluates: from this SuperNode's worker (`worker`),
+    or done here (on the Simulation Runtime, or with node config worker=false)."""
+    if worker.enabled(context.node_config):
+        content = worker.call(kind, message.content, context, state_dir_of(context))
+    else:
+        from fedlrm.federation.flower import node
+
+        content = {"train": node.train, "evaluate": node.evaluate,
+                   "secure-train": node.train_for_secure_aggregation}[kind](message.content, context)
+    return Message(content, reply_to=message)
+
+
 # ----------------------------------------------------------------------------- handlers
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    from fedlrm.federation.flower import node
-    from fedlrm.federation.flower.secagg import is_secagg
-
-    if is_secagg(message):
-        return node.train_for_secure_aggregation(message, context)
-    return node.train(message, context)
+    return work("secure-train" if is_secagg(message) else "train", message, context)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    from fedlrm.federation.flower import node
-
-    return node.evaluate(message, context)
+    return work("evaluate", message, context)
 
 
 @app.query()

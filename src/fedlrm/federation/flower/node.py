@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 from safetensors.torch import load_file, save_file
@@ -34,7 +34,8 @@ from fedlrm.data import ClientSplit, ImageSet, load_federated_data
 from fedlrm.errors import DataError, FedLRMError
 from fedlrm.federation.client import Client
 from fedlrm.federation.export import save_personalized
-from fedlrm.federation.flower.protocol import client_id_of, digest, read_fields, read_request, reply
+from fedlrm.federation.flower.protocol import (EVALUATION_PREFIX, client_id_of, digest, read_evaluation, read_fields,
+                                              read_request, reply_content, state_dir_of)
 from fedlrm.federation.flower.secagg import to_arrays
 from fedlrm.federation.task import build_model, resolve_device
 from fedlrm.federation.wire import decode
@@ -50,29 +51,42 @@ _models: dict[str, tuple] = {}
 _data: OrderedDict[str, tuple[list[str], ClientSplit, int]] = OrderedDict()  # names, split, bytes
 
 
-def train(message: Message, context: Context) -> Message:
-    node = NodeClient(context, *read_request(message), training=True)
+# The work of a message, from its content to the reply's content: the ClientApp (or its worker,
+# `worker`, in a process of its own) wraps these in Flower's messages.
+def train(content: RecordDict, context: Context) -> RecordDict:
+    node = NodeClient(context, *read_request(content), training=True)
+    figures = {}
+    evaluation = read_evaluation(content, node.meta, node.payload)
+    if evaluation is not None:  # the round before, with the private state it ended with: first
+        eval_round, eval_payload = evaluation
+        if eval_round != node.round - 1:
+            raise FedLRMError(f"a training message of round {node.round} asks to evaluate round {eval_round}; "
+                              f"only the round before travels with it")
+        figures = {EVALUATION_PREFIX + k: v for k, v in evaluation_figures(node.client.evaluate(eval_round,
+                                                                                                eval_payload)).items()}
     result = node.client.train(node.round, node.payload)
     node.save_private(node.round)
-    return reply(message, decode(result.upload), client=node.client_id, num_examples=result.num_examples,
-                 train_loss=result.train_loss, train_seconds=result.train_seconds,
-                 compute_seconds=result.compute_seconds,
-                 received_digest=digest(node.payload))
+    return reply_content(decode(result.upload), client=node.client_id, num_examples=result.num_examples,
+                         train_loss=result.train_loss, train_seconds=result.train_seconds,
+                         compute_seconds=result.compute_seconds, received_digest=digest(node.payload), **figures)
 
 
-def evaluate(message: Message, context: Context) -> Message:
-    node = NodeClient(context, *read_request(message), training=False)
+def evaluation_figures(result) -> dict[str, float]:
+    return {"accuracy": result.accuracy, "loss": result.loss, "n_test": result.n_test, "n_train": result.n_train,
+            "eval_seconds": result.seconds, "forward_seconds": result.forward_seconds}
+
+
+def evaluate(content: RecordDict, context: Context) -> RecordDict:
+    node = NodeClient(context, *read_request(content), training=False)
     result = node.client.evaluate(node.round, node.payload)
     if node.meta.get("final"):
         node.export()
-    return reply(message, client=node.client_id, accuracy=result.accuracy, loss=result.loss,
-                 n_test=result.n_test, n_train=result.n_train, eval_seconds=result.seconds,
-                 forward_seconds=result.forward_seconds)
+    return reply_content(client=node.client_id, **evaluation_figures(result))
 
 
-def train_for_secure_aggregation(message: Message, context: Context) -> Message:
+def train_for_secure_aggregation(content: RecordDict, context: Context) -> RecordDict:
     """Training inside SecAgg+ (legacy fit messages): the upload leaves only masked, through the mod."""
-    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
     config = dict(fitins.config)
     payload = config.pop("payload")
     node = NodeClient(context, *read_fields(config), payload, training=True)
@@ -80,7 +94,7 @@ def train_for_secure_aggregation(message: Message, context: Context) -> Message:
     node.save_private(node.round)
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(to_arrays(decode(result.upload))),
                     num_examples=result.num_examples, metrics={})
-    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
 
 
 class NodeClient:
@@ -97,14 +111,7 @@ class NodeClient:
         torch.set_num_threads(int(self.node_config.get("threads") or cfg.train.threads or
                                   os.environ.get("OMP_NUM_THREADS") or 1))
         self.cfg = cfg
-        name = f"partition-{self.client_id}" if "data-dir" not in self.node_config else \
-            Path(str(self.node_config["data-dir"])).name
-        # the node's own state dir; on the Simulation Runtime (no node configs of its own) one
-        # folder per client under the run config's client-state-dir
-        shared = str(context.run_config.get("client-state-dir", "") or "")
-        self.state_dir = Path(str(self.node_config.get("state-dir") or
-                                  (Path(shared) / name if shared else
-                                   Path.home() / ".cache" / "fedlrm" / "supernode" / name))).expanduser()
+        self.state_dir = state_dir_of(context)
         self.run_dir = self.state_dir / "runs" / str(self.meta["run-key"])
         device = resolve_device(cfg.train.device)  # a device this node lacks: refused before loading
         model_key = json.dumps([str(self.meta["run-key"]), to_dict(cfg)], sort_keys=True, default=str)

@@ -4,6 +4,12 @@ A message carries the algorithm's tensors as an `ArrayRecord` ("state") and the 
 `ConfigRecord` ("fedlrm"): the round, the client (partition) it is meant for, the run's
 key and the whole run configuration, so a SuperNode needs nothing but its data to take
 part. Replies carry the client's tensors as "state" and figures as a `MetricRecord`.
+
+A training message may also carry the evaluation of the round before ("evaluate-round"; its
+tensors as "evaluate-state", or "evaluate-same" when they are the training tensors): the
+client evaluates first, then trains, and replies with the evaluation's figures beside the
+training's, their names prefixed with EVALUATION_PREFIX. On the deployment runtime, where
+every message starts a ClientApp process, that is one process per client and round.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -25,6 +32,8 @@ if TYPE_CHECKING:
 # ClientApp answers a query with `reply` alone, without importing torch.
 
 STATE, META, METRICS, INFO = "state", "fedlrm", "metrics", "info"
+EVALUATION_STATE = "evaluate-state"
+EVALUATION_PREFIX = "evaluation."
 
 
 def pack_state(payload: bytes) -> ArrayRecord:
@@ -50,8 +59,27 @@ def request_fields(*, round_index: int, client: int, run_key: str, cfg: RunConfi
             "final": final}
 
 
-def request(payload: bytes, **fields) -> RecordDict:
-    return RecordDict({STATE: pack_state(payload), META: ConfigRecord(request_fields(**fields))})
+def request(payload: bytes, evaluation: tuple[int, bytes] | None = None, **fields) -> RecordDict:
+    """A message's content; `evaluation`: (round, tensors) of an earlier round to evaluate first."""
+    meta = request_fields(**fields)
+    content = RecordDict({STATE: pack_state(payload)})
+    if evaluation is not None:
+        eval_round, eval_payload = evaluation
+        meta["evaluate-round"] = eval_round
+        meta["evaluate-same"] = eval_payload == payload  # most algorithms send one message in both
+        if eval_payload != payload:
+            content[EVALUATION_STATE] = pack_state(eval_payload)
+    content[META] = ConfigRecord(meta)
+    return content
+
+
+def read_evaluation(content: RecordDict, meta: dict, payload: bytes) -> tuple[int, bytes] | None:
+    """The earlier round a training message asks to evaluate, and its tensors; None if it asks none."""
+    if "evaluate-round" not in meta:
+        return None
+    if meta.get("evaluate-same"):
+        return int(meta["evaluate-round"]), payload
+    return int(meta["evaluate-round"]), unpack_state(content.get(EVALUATION_STATE))
 
 
 def read_fields(meta: dict) -> tuple[dict, RunConfig]:
@@ -60,18 +88,22 @@ def read_fields(meta: dict) -> tuple[dict, RunConfig]:
     return dict(meta), config_from_dict(json.loads(str(meta["run-config"])))
 
 
-def read_request(message: Message) -> tuple[dict, RunConfig, bytes]:
-    meta, cfg = read_fields(message.content[META])
-    return meta, cfg, unpack_state(message.content.get(STATE))
+def read_request(content: RecordDict) -> tuple[dict, RunConfig, bytes]:
+    meta, cfg = read_fields(content[META])
+    return meta, cfg, unpack_state(content.get(STATE))
 
 
-def reply(message: Message, upload: State | None = None, **metrics: float) -> Message:
+def reply_content(upload: State | None = None, **metrics: float) -> RecordDict:
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
     content = RecordDict({METRICS: MetricRecord(numbers), INFO: ConfigRecord(texts)})
     if upload is not None:
         content[STATE] = ArrayRecord(torch_state_dict=upload) if upload else ArrayRecord()
-    return Message(content, reply_to=message)
+    return content
+
+
+def reply(message: Message, upload: State | None = None, **metrics: float) -> Message:
+    return Message(reply_content(upload, **metrics), reply_to=message)
 
 
 def digest(payload: bytes) -> str:
@@ -97,6 +129,19 @@ def pull_replies(grid, message_ids: set[str], timeout: float | None, poll: float
         if pending:
             time.sleep(poll)
     return replies
+
+
+def state_dir_of(context) -> Path:
+    """Where a SuperNode keeps its client's state: its node config's state-dir; on the Simulation
+    Runtime (no node configs of its own) one folder per client under the run config's
+    client-state-dir; else ~/.cache/fedlrm/supernode/<partition or data folder name>."""
+    node_config = context.node_config
+    name = f"partition-{client_id_of(node_config)}" if "data-dir" not in node_config else \
+        Path(str(node_config["data-dir"])).name
+    shared = str(context.run_config.get("client-state-dir", "") or "")
+    return Path(str(node_config.get("state-dir") or (Path(shared) / name if shared else
+                                                      Path.home() / ".cache" / "fedlrm" / "supernode" / name))
+                ).expanduser()
 
 
 def client_id_of(node_config) -> int:

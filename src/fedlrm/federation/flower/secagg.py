@@ -2,7 +2,7 @@
 
 In Flower 1.41 SecAgg+ exists in the legacy API only: `SecAggPlusWorkflow` on the server
 (driven through a `LegacyContext` with a strategy and a client manager) and
-`secaggplus_mod` on the client. Each client uploads `[w, w * v]` masked and quantised,
+`secaggplus_mod` on the client (`client_app`). Each client uploads `[w, w * v]` masked and quantised,
 with `w = num_examples / max_weight`; the server unmasks only the sums and obtains the
 sample-weighted mean of the uploads, which is exactly what an algorithm that aggregates
 by weighted mean (fedavg, fedprox, apfl, fedlrm) needs. Algorithms that look at each
@@ -16,10 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
-from flwr.client.mod import secaggplus_mod
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import FitIns, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server import LegacyContext, SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import Strategy
@@ -31,17 +29,6 @@ from flwr.serverapp import Grid
 from fedlrm.algorithms import State
 from fedlrm.config import PrivacyConfig
 from fedlrm.federation.flower.protocol import push_and_pull
-
-
-def is_secagg(message: Message) -> bool:
-    return message.has_content() and RECORD_KEY_CONFIGS in message.content.config_records
-
-
-def secagg_when_asked(message: Message, context: Context, call_next):
-    """Client mod: run SecAgg+ for training messages that carry its protocol, pass others on."""
-    if message.metadata.message_type == MessageType.TRAIN and is_secagg(message):
-        return secaggplus_mod(message, context, call_next)
-    return call_next(message, context)
 
 
 def to_arrays(state: State) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from fedlrm.config import RunConfig
 from fedlrm.data import load_federated_data
 from fedlrm.errors import FedLRMError
 from fedlrm.federation.flower.identity import ClientKeys, Verdict, judge, read_client_keys
-from fedlrm.federation.flower.protocol import (INFO, METRICS, STATE, digest, pull_replies, push_and_pull, request,
+from fedlrm.federation.flower.protocol import (EVALUATION_PREFIX, INFO, METRICS, STATE, digest, pull_replies, request,
                                               request_fields, unpack_state)
 from fedlrm.federation.flower.secagg import from_arrays, secure_mean
 from fedlrm.federation.messages import EvalReply, TrainReply
@@ -167,35 +167,82 @@ class FlowerTransport:
         log.info("SuperNodes serve clients %s (waited for %d)", found, count)
 
     # ----- messaging
-    def send(self, kind: str, round_index: int, payloads: dict[int, bytes]) -> dict[int, Message]:
+    def exchange(self, round_index: int, train: dict[int, bytes], evaluate: dict[int, bytes],
+                 eval_round: int) -> tuple[dict[int, Message], dict[int, Message]]:
+        """Send training messages of `round_index` and evaluations of `eval_round` in one push and
+        pull the answers: (client -> training answer, client -> evaluation answer). A client in
+        both gets one training message that evaluates first, so it starts one ClientApp process."""
         clients = self.nodes(round_index)
-        absent = sorted(set(payloads) - set(clients))
+        wanted = sorted(set(train) | set(evaluate))
+        absent = [c for c in wanted if c not in clients]
         if absent:
             log.warning("round %d: no SuperNode serves client(s) %s now", round_index, absent)
-        message_type = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
-        final = kind == "evaluate" and round_index == self.last_round
-        outgoing = [Message(request(payloads[c], round_index=round_index, client=c, run_key=self.run_key,
-                                    cfg=self.cfg, final=final),
-                            dst_node_id=clients[c], message_type=message_type, group_id=f"{kind}-{round_index}")
-                    for c in sorted(payloads) if c in clients]
-        answers: dict[int, Message] = {}
-        node_client = {clients[c]: c for c in clients}
-        for answer in push_and_pull(self.grid, outgoing, self.timeout, POLL_SECONDS):
-            client = node_client.get(answer.metadata.src_node_id)
+        outgoing: list[Message] = []
+        kinds: list[tuple[str, int]] = []
+        for c in wanted:
+            if c not in clients:
+                continue
+            if c in train:
+                carried = (eval_round, evaluate[c]) if c in evaluate else None
+                content = request(train[c], round_index=round_index, client=c, run_key=self.run_key, cfg=self.cfg,
+                                  evaluation=carried)
+                outgoing.append(Message(content, dst_node_id=clients[c], message_type=MessageType.TRAIN,
+                                        group_id=f"train-{round_index}"))
+                kinds.append(("train", c))
+            else:
+                content = request(evaluate[c], round_index=eval_round, client=c, run_key=self.run_key, cfg=self.cfg,
+                                  final=eval_round == self.last_round)
+                outgoing.append(Message(content, dst_node_id=clients[c], message_type=MessageType.EVALUATE,
+                                        group_id=f"evaluate-{eval_round}"))
+                kinds.append(("evaluate", c))
+        ids = self.grid.push_messages(outgoing)
+        kind_of = {m: k for m, k in zip(ids, kinds) if m}
+        trained: dict[int, Message] = {}
+        evaluated: dict[int, Message] = {}
+        for answer in pull_replies(self.grid, set(kind_of), self.timeout, POLL_SECONDS):
+            kind, client = kind_of.get(answer.metadata.reply_to_message_id, (None, None))
+            if client is None or answer.metadata.src_node_id != clients[client]:
+                continue  # not an answer to a message of ours, or not from the node it was sent to
+            what = "train" if kind == "train" else "evaluate"
             if answer.has_error():
-                log.warning("round %d: client %s failed to %s: %s", round_index, client, kind, answer.error.reason)
-            elif client is not None:
-                answers[client] = answer
-        late = sorted(set(payloads) - set(answers) - set(absent))
-        if late:
-            log.warning("round %d: client(s) %s did not %s in time (federation.round_timeout=%s s) or failed",
-                        round_index, late, kind, self.timeout)
-        self.record(kind, round_index, payloads, answers)
-        return answers
+                log.warning("round %d: client %s failed to %s: %s", round_index, client, what, answer.error.reason)
+            else:
+                (trained if kind == "train" else evaluated)[client] = answer
+        for kind, sent, answers in (("train", train, trained), ("evaluate", evaluate, evaluated)):
+            late = sorted(set(sent) - set(answers) - set(absent))
+            if late:
+                log.warning("round %d: client(s) %s did not %s in time (federation.round_timeout=%s s) or failed",
+                            round_index, late, kind, self.timeout)
+        self.record("train", round_index, train, trained, {c: eval_round for c in evaluate})
+        self.record("evaluate", eval_round, {c: m for c, m in evaluate.items() if c not in train}, evaluated)
+        return trained, evaluated
 
     def train(self, round_index: int, messages: dict[int, bytes]) -> dict[int, TrainReply]:
+        answers, _ = self.exchange(round_index, messages, {}, round_index)
+        return self.train_replies(round_index, answers)
+
+    def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]:
+        _, answers = self.exchange(round_index, {}, messages, round_index)
+        return self.eval_replies(round_index, {c: answers[c].content[METRICS] for c in answers
+                                               if METRICS in answers[c].content}, answers)
+
+    def train_and_evaluate(self, round_index: int, messages: dict[int, bytes], eval_round: int,
+                           evaluations: dict[int, bytes]) -> tuple[dict[int, TrainReply], dict[int, EvalReply]]:
+        """Round `round_index`'s training and round `eval_round`'s evaluation (the round before) at once."""
+        trained, evaluated = self.exchange(round_index, messages, evaluations, eval_round)
+        figures = {}
+        for c, answer in trained.items():
+            if c in evaluations and METRICS in answer.content:
+                m = answer.content[METRICS]
+                figures[c] = {k.removeprefix(EVALUATION_PREFIX): v for k, v in m.items()
+                              if k.startswith(EVALUATION_PREFIX)}
+        figures.update({c: a.content[METRICS] for c, a in evaluated.items() if METRICS in a.content})
+        return self.train_replies(round_index, trained), self.eval_replies(eval_round, figures,
+                                                                           {**trained, **evaluated})
+
+    def train_replies(self, round_index: int, answers: dict[int, Message]) -> dict[int, TrainReply]:
         out = {}
-        for c, answer in self.send("train", round_index, messages).items():
+        for c, answer in answers.items():
             try:
                 m = answer.content[METRICS]
                 # the claim as sent (it may be missing, fractional or 1e12): the server's checks judge it
@@ -206,15 +253,17 @@ class FlowerTransport:
                 log.warning("round %d: client %d sent a malformed training reply (%s); ignored", round_index, c, err)
         return out
 
-    def evaluate(self, round_index: int, messages: dict[int, bytes]) -> dict[int, EvalReply]:
+    def eval_replies(self, round_index: int, figures: dict, answers: dict[int, Message]) -> dict[int, EvalReply]:
+        """Evaluation figures (client -> its metrics) checked: a reply that is not one is ignored."""
         out = {}
-        for c, answer in self.send("evaluate", round_index, messages).items():
+        for c in sorted(set(answers)):
+            m = figures.get(c)
             try:
-                m = answer.content[METRICS]
                 reply = EvalReply(c, float(m["accuracy"]), float(m["loss"]), int(m["n_test"]), int(m["n_train"]),
                                   float(m.get("eval_seconds", 0.0)), float(m.get("forward_seconds", 0.0)))
             except Exception as err:
-                log.warning("round %d: client %d sent a malformed evaluation reply (%s); ignored", round_index, c, err)
+                log.warning("round %d: client %d sent a malformed evaluation reply (%s); ignored", round_index, c,
+                            err if m is not None else "it has no evaluation")
                 continue
             if not 0 <= reply.accuracy <= 1 or reply.n_test < 1:
                 log.warning("round %d: client %d reports accuracy %s on %s test images; ignored", round_index, c,
@@ -246,15 +295,20 @@ class FlowerTransport:
     def restore(self, private) -> None:
         pass
 
-    def record(self, kind: str, round_index: int, payloads: dict[int, bytes], answers: dict[int, Message]) -> None:
-        """What crossed, per message: tensor names, shapes and bytes (inspected by tests and audits)."""
+    def record(self, kind: str, round_index: int, payloads: dict[int, bytes], answers: dict[int, Message],
+               evaluates: dict[int, int] | None = None) -> None:
+        """What crossed, per message: tensor names, shapes and bytes (inspected by tests and audits);
+        `evaluates`: client -> the earlier round its training message also had it evaluate."""
         with self.log_path.open("a") as f:
             for c, payload in sorted(payloads.items()):
-                f.write(json.dumps(describe(round_index, c, "down", kind, payload)) + "\n")
+                row = describe(round_index, c, "down", kind, payload)
+                if evaluates and c in evaluates:
+                    row["evaluates_round"] = evaluates[c]
+                f.write(json.dumps(row) + "\n")
                 if c in answers:
                     up = unpack_state(answers[c].content.get(STATE))
                     row = describe(round_index, c, "up", kind, up)
-                    row["metrics"] = dict(answers[c].content[METRICS])
+                    row["metrics"] = dict(answers[c].content.get(METRICS, {}))
                     row["info"] = dict(answers[c].content.get(INFO, {}))
                     f.write(json.dumps(row) + "\n")
 
