@@ -1,12 +1,13 @@
 """The work of a fedlrm client on Flower: its model, data and private state, for one message.
 
-`client_app` (the ClientApp Flower loads) imports this module only for messages that train or
-evaluate, so a query answers without importing torch. On the deployment runtime Flower starts
-a ClientApp process per message, so each message builds the model (the backbone is cached by
-transformers/open_clip on disk) and reads the preprocessed images from the state dir. On the
-Simulation Runtime a Ray actor serves message after message of many clients: it builds the
-model once per run and keeps clients' images (up to DATA_CACHE_BYTES), so later messages of
-the same run reuse them.
+`client_app` (the ClientApp Flower loads) imports this module only where the client's work is
+done, so a query answers without importing torch. On the deployment runtime Flower starts a
+ClientApp process per message, and that process hands training and evaluation to its
+SuperNode's long-lived worker (`worker`), which runs these functions. On the Simulation
+Runtime a Ray actor runs them for message after message of many clients. Either way the
+process builds the model once per run and keeps clients' images (up to DATA_CACHE_BYTES), so
+later messages of the same run reuse them; private state is read from and written to the
+state dir for every message.
 
 Torch runs one thread per ClientApp unless told otherwise (SuperNodes sharing a host would
 otherwise each start one thread per core): the node config's `threads`, else train.threads,
@@ -44,9 +45,9 @@ from fedlrm.models import load_backbone
 KEEP_ROUNDS = 3  # private-state files kept per client; a resumed server goes back at most one round
 DATA_CACHE_BYTES = 1 << 30  # clients' preprocessed images a long-lived ClientApp process keeps in memory
 
-# What a long-lived ClientApp process (a Simulation Runtime actor) keeps between messages: the
-# model built for the run it serves, and clients' images. A process of the deployment runtime
-# serves one message, and so finds both empty.
+# What a long-lived process (a SuperNode's worker, a Simulation Runtime actor) keeps between
+# messages: the model built for the run it serves, and clients' images. A ClientApp process that
+# does its own work (node config worker=false) serves one message, and so finds both empty.
 _models: dict[str, tuple] = {}
 _data: OrderedDict[str, tuple[list[str], ClientSplit, int]] = OrderedDict()  # names, split, bytes
 
