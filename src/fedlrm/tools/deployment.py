@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlrm.federation.flower.identity import write_client_keys
+from fedlrm.federation.flower.launcher import link_as_flwr_clientapp
 from fedlrm.tools.certs import AuthKeyPaths, TlsPaths, generate_supernode_keys, generate_tls_certs
 from fedlrm.tools.processes import descendants, environ_has, kill_group, pid_alive, proc_table, signal_pids
 
@@ -248,10 +249,14 @@ class LocalDeployment:
         superexec_poll_interval: float | None = None,
         simulation: Mapping[str, Any] | None = None,
         database: bool = True,
+        lean_clientapp: bool = True,
     ) -> None:
         """`database`: the SuperLink keeps its state in an SQLite file (which survives a SuperLink
         restart) rather than in memory. Under load (10 SuperNodes replying at once on 2 cores) that
-        file's lock was seen to time out, and the SuperNodes whose replies it refused dropped them."""
+        file's lock was seen to time out, and the SuperNodes whose replies it refused dropped them.
+        `lean_clientapp`: the SuperNodes start `fedlrm-clientapp` (Flower's ClientApp entry point
+        without the SuperNode's CLI imports, `federation/flower/launcher.py`) for every message,
+        linked as `flwr-clientapp` in `<work_dir>/bin` ahead on their PATH; false: Flower's own."""
         if auth and not tls:
             raise ValueError("SuperNode authentication requires tls=True in Flower 1.41")
         self.work_dir = Path(work_dir).resolve()
@@ -275,6 +280,7 @@ class LocalDeployment:
         if superexec_poll_interval is not None:
             self.extra_env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_interval)
         self.database = str(self.work_dir / "superlink" / "state.db") if database else None
+        self.clientapp_bin = self.work_dir / "bin" if lean_clientapp and simulation is None else None
 
         self.deploy_id = uuid.uuid4().hex[:12]
         self.port: int | None = None  # SuperLink HTTP port (Fleet + Control + Runtime)
@@ -336,6 +342,8 @@ class LocalDeployment:
         env.update(self.extra_env)
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+        if self.clientapp_bin is not None and component.startswith("supernode"):
+            env["PATH"] = str(self.clientapp_bin) + os.pathsep + env["PATH"]
         env["FLWR_HOME"] = str(flwr_home)
         env[TAG_DEPLOY] = self.deploy_id
         env[TAG_COMPONENT] = component
@@ -420,6 +428,8 @@ class LocalDeployment:
             Path(self.database + suffix).unlink(missing_ok=True)
         if self.tls and self.tls_paths is None:
             self.tls_paths = generate_tls_certs(self.work_dir / "certs")
+        if self.clientapp_bin is not None:
+            link_as_flwr_clientapp(self.clientapp_bin)
         self.start_superlink()
         nodes = range(self.num_supernodes) if self.simulation is None else ()  # simulated: no processes
         for i in nodes:
