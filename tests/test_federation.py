@@ -90,3 +90,30 @@ def test_a_sampled_fraction_of_clients_is_evaluated_and_every_client_in_the_last
     assert sorted(result.summary["per_client_accuracy"]) == [0, 1, 2, 3]
     # the training sample is drawn as before (a different stream)
     assert sample_clients(cfg.seed, 1, 4, 0.5) == sample_clients(cfg.seed, 1, 4, 0.5, "sample")
+
+
+def test_the_summary_names_the_best_round_the_worst_client_and_the_10th_percentile():
+    from fedlrm.federation.server import best_round, spread_over_clients
+
+    def rows(r, accuracies, n_test=10):
+        return [{"round": r, "client": c, "accuracy": a, "n_test": n_test} for c, a in enumerate(accuracies)]
+
+    history = rows(1, [0.2, 0.4, 0.6]) + rows(2, [0.5, 0.9, 0.7]) + rows(3, [0.5, 0.9])  # round 3: a sample
+    history += rows(4, [0.6, 0.3, 0.9])  # the last round evaluates every client
+    best = best_round(history)
+    assert best == {"acc_last": 0.6, "acc_best": 0.7, "best_round": 2, "best_rounds_compared": 3}
+    assert best_round(rows(1, [0.5, 0.5]) + rows(2, [0.5, 0.5]))["best_round"] == 1  # the earliest of equals
+    spread = spread_over_clients(rows(4, [0.6, 0.3, 0.9, 0.8, 0.7]))
+    assert spread["acc_worst"] == 0.3 and spread["worst_client"] == 1
+    assert abs(spread["acc_p10"] - (0.3 + 0.4 * (0.6 - 0.3))) < 1e-12  # numpy's linear interpolation
+
+
+def test_summary_files_carry_last_best_worst_and_p10(tiny_overrides):
+    result = run(tiny_overrides, "algorithm=fedavg", "train.rounds=2", "train.eval_every=1")
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    final = result.summary["per_client_accuracy"]
+    assert summary["acc_worst"] == min(final.values()) and summary["best_round"] in (1, 2)
+    assert summary["acc_last"] == summary["acc_weighted"] and summary["acc_best"] >= summary["acc_last"]
+    assert summary["best_rounds_compared"] == 2
+    table = (result.run_dir / "summary.md").read_text()
+    assert "worst client %" in table and "p10 over clients %" in table and "best round" in table

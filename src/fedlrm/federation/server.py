@@ -350,6 +350,8 @@ class Server:
             "algorithm": self.algorithm.name,
             "rounds": last_round,
             **(client_accuracy_stats(final) if final else {}),
+            **(spread_over_clients(final) if final else {}),
+            **best_round(client_rows),
             "per_client_accuracy": {row["client"]: row["accuracy"] for row in final},
             "global_accuracy": round_rows[-1].get("global_accuracy") if round_rows else None,
             "mb_up_per_client_round": up / participations / 1e6 if participations else 0.0,
@@ -366,3 +368,30 @@ def client_accuracy_stats(rows: list[dict]) -> dict:
     n = np.array([row["n_test"] for row in rows], dtype=float)
     return {"acc_weighted": float((acc * n).sum() / n.sum()), "acc_mean": float(acc.mean()),
             "acc_std": float(acc.std())}
+
+
+def spread_over_clients(rows: list[dict]) -> dict:
+    """The worst client of a round and the 10th percentile over clients (linear interpolation):
+    what a federation's least served members get, which a mean hides."""
+    acc = np.array([row["accuracy"] for row in rows], dtype=float)
+    worst = int(np.argmin(acc))
+    return {"acc_worst": float(acc[worst]), "worst_client": int(rows[worst]["client"]),
+            "acc_p10": float(np.percentile(acc, 10))}
+
+
+def best_round(client_rows: list[dict]) -> dict:
+    """The evaluated round with the highest weighted accuracy (the earliest of equals), among those
+    that evaluated the same clients as the last round: with `train.eval_fraction` below 1 a
+    sampled round's figure is over other clients and is not compared."""
+    by_round: dict[int, list[dict]] = {}
+    for row in client_rows:
+        by_round.setdefault(int(row["round"]), []).append(row)
+    if not by_round:
+        return {}
+    last = max(by_round)
+    clients = sorted(row["client"] for row in by_round[last])
+    comparable = {r: rows for r, rows in by_round.items() if sorted(row["client"] for row in rows) == clients}
+    scores = {r: client_accuracy_stats(rows)["acc_weighted"] for r, rows in comparable.items()}
+    best = max(sorted(scores), key=lambda r: scores[r])
+    return {"acc_last": scores[last], "acc_best": scores[best], "best_round": best,
+            "best_rounds_compared": len(scores)}

@@ -20,12 +20,16 @@ COMPARE_COLUMNS = [
     ("acc_weighted", "acc (weighted) %", "{:.2f}"),
     ("acc_mean", "acc (mean) %", "{:.2f}"),
     ("acc_std", "std over clients", "{:.2f}"),
+    ("acc_worst", "worst client %", "{:.2f}"),
+    ("acc_p10", "p10 over clients %", "{:.2f}"),
+    ("acc_best", "best round %", "{:.2f}"),
+    ("best_round", "best round", "{}"),
     ("global_accuracy", "global model %", "{:.2f}"),
     ("mb_up_per_client_round", "MB up/client/round", "{:.4f}"),
     ("trainable", "trainable params", "{:,}"),
     ("wall_seconds", "wall s", "{:.1f}"),
 ]
-PERCENT = {"acc_weighted", "acc_mean", "acc_std", "global_accuracy"}
+PERCENT = {"acc_weighted", "acc_mean", "acc_std", "acc_worst", "acc_p10", "acc_best", "global_accuracy"}
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -70,7 +74,7 @@ def wide_console() -> Console:
     """Rich falls back to 80 columns when output is not a terminal; tables need more."""
     import shutil
 
-    return Console(width=max(160, shutil.get_terminal_size().columns))
+    return Console(width=max(220, shutil.get_terminal_size().columns))
 
 
 def _round_axis(ax, rounds: list[int]) -> None:
