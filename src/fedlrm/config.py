@@ -96,8 +96,12 @@ class DataConfig:
     # written (images are preprocessed only when first used either way); false: a bad file stops
     # the run when it is first met, and the run resumes from its last checkpoint once it is repaired.
     verify_images: bool = True
+    # What a client classifies over: all (the paper's logits over every class of the dataset) | own
+    # (the classes of its partition: its logits have exactly those columns, its prompts its own)
+    client_classes: str = "all"
 
     def check(self) -> None:
+        one_of("data.client_classes", self.client_classes, ("all", "own"))
         one_of("data.source", self.source, ("builtin", "parquet", "hub", "imagefolder", "torchvision"))
         one_of("data.partition", self.partition, ("shard", "dirichlet", "classes"))
         at_least_one("data.num_clients", self.num_clients)

@@ -73,7 +73,8 @@ def finish(sim: Simulation, result: RunResult, run_dir: Path) -> None:
     last = sim.cfg.train.rounds
     for c in exported_clients(sim, result):
         model = personalize(sim.bundle, sim.algorithm, sim.cfg, c, result.client_states[c], result.server_state, last)
-        save_personalized(run_dir / "adapters" / f"client_{c:02d}", model, sim.cfg, sim.data.class_names, c,
+        save_personalized(run_dir / "adapters" / f"client_{c:02d}", model, sim.cfg,
+                          sim.data.clients[c].class_names(sim.data.class_names), c,
                           sim.bundle.layout, sim.algorithm.message_for(result.server_state, c, last), last)
 
 

@@ -81,9 +81,19 @@ def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
     def imageset(pool: ImagePool, rows: np.ndarray, labels: np.ndarray) -> ImageSet:
         return ImageSet(pool, rows, labels[rows])
 
-    clients = [ClientSplit(cid, imageset(train_pool, tr, train_labels),
-                           imageset(test_pool, te, test_labels))
-               for cid, (tr, te) in enumerate(zip(client_train, client_test))]
+    def client_split(cid: int, train_rows: np.ndarray, test_rows_: np.ndarray) -> ClientSplit:
+        if cfg.client_classes == "all":
+            return ClientSplit(cid, imageset(train_pool, train_rows, train_labels),
+                               imageset(test_pool, test_rows_, test_labels))
+        # the classes of its partition, its labels positions in that list (a client's test set follows
+        # its partition's class proportions, so no test image is left without a column)
+        classes = sorted(set(train_labels[parts[cid]].tolist()))
+        test_rows_ = test_rows_[np.isin(test_labels[test_rows_], classes)]
+        return ClientSplit(cid, ImageSet(train_pool, train_rows, np.searchsorted(classes, train_labels[train_rows])),
+                           ImageSet(test_pool, test_rows_, np.searchsorted(classes, test_labels[test_rows_])),
+                           classes)
+
+    clients = [client_split(cid, tr, te) for cid, (tr, te) in enumerate(zip(client_train, client_test))]
     data = FederatedData([readable(n) for n in names], clients,
                          imageset(test_pool, global_rows, test_labels))
     log.info("data: %d classes, %d clients, %d train + %d test images %s (%s, %s) in %.1f s",

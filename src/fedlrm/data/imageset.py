@@ -88,7 +88,8 @@ class ImagePool:
 class ImageSet:
     """Labelled images of one client or split, preprocessed for the backbone.
 
-    `labels` are global class ids (logits are over all classes); `rows` are the images'
+    `labels` are the federation's class ids, or for a client with classes of its own
+    (`ClientSplit.classes`) positions in its class list; `rows` are the images'
     row numbers in the source split as read (before exclude_classes), for provenance."""
 
     def __init__(self, pool: ImagePool, rows: np.ndarray, labels: np.ndarray) -> None:
@@ -157,6 +158,12 @@ class ClientSplit:
     client_id: int
     train: ImageSet
     test: ImageSet
+    #: the federation's class ids this client classifies over, in the order of its logits (its
+    #: labels are positions in this list); None: every class of the federation
+    classes: list[int] | None = None
+
+    def class_names(self, federation_names: list[str]) -> list[str]:
+        return list(federation_names) if self.classes is None else [federation_names[i] for i in self.classes]
 
 
 @dataclass
@@ -172,4 +179,5 @@ class FederatedData:
     def summary(self) -> list[dict]:
         """One dict per client: client, n_train, n_test, classes (sorted label ids)."""
         return [{"client": c.client_id, "n_train": len(c.train), "n_test": len(c.test),
-                 "classes": c.train.classes} for c in self.clients]
+                 "classes": c.train.classes if c.classes is None else [c.classes[i] for i in c.train.classes],
+                 **({} if c.classes is None else {"classifies_over": list(c.classes)})} for c in self.clients]

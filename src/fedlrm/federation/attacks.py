@@ -40,7 +40,8 @@ def flip_labels(clients: list[Client], attackers: list[int], num_classes: int) -
     """Give each attacker a copy of its training set whose every label y is C - 1 - y."""
     for c in attackers:
         flipped = copy.copy(clients[c].split.train)
-        flipped.labels = (num_classes - 1) - flipped.labels
+        classes = clients[c].split.classes  # a client with classes of its own flips within them
+        flipped.labels = (len(classes) if classes is not None else num_classes) - 1 - flipped.labels
         clients[c].split = replace(clients[c].split, train=flipped)
 
 

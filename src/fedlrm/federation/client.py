@@ -33,6 +33,14 @@ class Client:
         return self.states[self.client_id]
 
     def train(self, round_index: int, message: bytes) -> TrainReply:
+        with self.bundle.model.classifying_over(self.split.classes):
+            return self._train(round_index, message)
+
+    def evaluate(self, round_index: int, message: bytes) -> EvalReply:
+        with self.bundle.model.classifying_over(self.split.classes):
+            return self._evaluate(round_index, message)
+
+    def _train(self, round_index: int, message: bytes) -> TrainReply:
         result = client_round(self.bundle, self.algorithm, self.cfg, self.split.train, self.state(), message,
                               round_index, self.client_id)
         self.states.put(self.client_id, result.private)
@@ -42,7 +50,7 @@ class Client:
         return TrainReply(self.client_id, upload, len(self.split.train), result.stats.loss, result.stats.seconds,
                           result.stats.compute_seconds)
 
-    def evaluate(self, round_index: int, message: bytes) -> EvalReply:
+    def _evaluate(self, round_index: int, message: bytes) -> EvalReply:
         t0 = time.perf_counter()
         load_client(self.bundle, self.algorithm, self.cfg, self.client_id, self.state(), decode(message), round_index)
         result = evaluate(self.bundle.model, self.split.test, self.cfg.train.eval_batch_size, self.cfg.train)

@@ -279,6 +279,19 @@ class ClipClassifier(nn.Module):
         prompts = [prompt.format(c) for c in class_names]
         self.register_buffer("text_features", backbone.text_features(prompts))
         check_text_features(backbone, self.class_names, prompts, self.text_features)
+        self._classes: torch.Tensor | None = None  # rows of text_features in the logits; None: all
+
+    @contextmanager
+    def classifying_over(self, classes: list[int] | None) -> Iterator[None]:
+        """Logits over `classes` only (positions in `class_names`, in that order) within the block:
+        a client of several sharing one model in process, with classes of its own. None: all."""
+        before = self._classes
+        self._classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long,
+                                                                       device=self.text_features.device)
+        try:
+            yield
+        finally:
+            self._classes = before
 
     @property
     def image_encoder(self) -> nn.Module:
@@ -292,7 +305,8 @@ class ClipClassifier(nn.Module):
         return self.logits(self.backbone.features_from(hidden, start))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.backbone.logit_scale * features @ self.text_features.t()
+        text = self.text_features if self._classes is None else self.text_features[self._classes]
+        return self.backbone.logit_scale * features @ text.t()
 
     @property
     def preprocess(self) -> Callable[[list[Image.Image]], torch.Tensor]:

@@ -166,7 +166,7 @@ class NodeClient:
             for part in ("train", "test"):
                 images, labels = materialize(getattr(split, part))
                 tensors[f"{part}.images"], tensors[f"{part}.labels"] = images, labels
-            names = data.class_names
+            names = split.class_names(data.class_names)  # with data.client_classes=own: only its own, in order
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, cache)
             cache.with_suffix(".json").write_text(json.dumps(names))
