@@ -70,6 +70,36 @@ class AdapterConfig:
 
 
 @dataclass
+class DomainConfig:
+    """One data source of a multi-domain federation (`data.domains`). Unset keys (null) take the
+    value of the `data` section; `label` names the domain in reports."""
+
+    label: str = ""
+    source: Optional[str] = None
+    train: Optional[str] = None
+    test: Optional[str] = None
+    name: Optional[str] = None
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    exclude_classes: Optional[list[str]] = None
+    class_names: Optional[list[str]] = None
+    num_clients: Optional[int] = None
+    partition: Optional[str] = None
+    shards_per_client: Optional[int] = None
+    dirichlet_alpha: Optional[float] = None
+    classes_per_client: Optional[int] = None
+    shots: Optional[int] = None
+    test_per_client: Optional[int] = None
+    global_test_size: Optional[int] = None
+
+    def resolve(self, data: "DataConfig") -> "DataConfig":
+        from dataclasses import replace
+
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "label"}
+        return replace(data, **{k: v for k, v in own.items() if v is not None}, domains=[], new_clients=0)
+
+
+@dataclass
 class DataConfig:
     # builtin (the shipped CIFAR-10 subset) | parquet | hub | imagefolder | torchvision
     source: str = "builtin"
@@ -99,9 +129,60 @@ class DataConfig:
     # What a client classifies over: all (the paper's logits over every class of the dataset) | own
     # (the classes of its partition: its logits have exactly those columns, its prompts its own)
     client_classes: str = "all"
+    # Clients held out of training: the last K client ids never train nor evaluate during the rounds;
+    # after the last round each adapts from the final server state as its algorithm brings a newcomer
+    # in (`Algorithm.newcomer_trains`), for new_client_epochs local epochs, and is evaluated.
+    new_clients: int = 0
+    new_client_epochs: Optional[int] = None  # None: train.local_epochs
+    # Several data sources in one federation, each with its own clients, partition and shots (a domain
+    # of the federation); a client classifies over its domain's classes. Empty: the one source above.
+    # A domain's keys left unset take the values of this section.
+    domains: list[DomainConfig] = field(default_factory=list)
 
     def check(self) -> None:
         one_of("data.client_classes", self.client_classes, ("all", "own"))
+        if self.new_clients < 0:
+            raise ConfigError(f"data.new_clients must be 0 or more, got {self.new_clients}")
+        if self.new_client_epochs is not None:
+            at_least_one("data.new_client_epochs", self.new_client_epochs)
+        if self.new_clients >= self.total_clients:
+            raise ConfigError(f"data.new_clients={self.new_clients} leaves no client to train: the federation has "
+                              f"{self.total_clients} clients; hold out fewer")
+        labels = [d.label for d in self.domains]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ConfigError(f"data.domains names the domain(s) {', '.join(map(repr, twice))} more than once; "
+                              f"give every domain its own label")
+        for i, domain in enumerate(self.domains):
+            if not str(domain.label).strip():
+                raise ConfigError(f"data.domains[{i}].label is empty; name the domain (e.g. label: cifar10)")
+            try:
+                domain.resolve(self).check_one()
+            except ConfigError as err:
+                raise ConfigError(f"data.domains[{i}] ({domain.label}): {err}") from None
+        if not self.domains:
+            self.check_one()
+
+    @property
+    def total_clients(self) -> int:
+        """Every client of the federation: data.num_clients, or the sum over data.domains."""
+        if not self.domains:
+            return self.num_clients
+        return sum(self.num_clients if d.num_clients is None else d.num_clients for d in self.domains)
+
+    @property
+    def training_clients(self) -> int:
+        """The clients that take part in the rounds (ids 0..n-1); the new clients follow them."""
+        return self.total_clients - self.new_clients
+
+    def domain_configs(self) -> list[tuple[str, "DataConfig"]]:
+        """(label, the settings of that source) for every domain; one unlabelled entry without domains."""
+        if not self.domains:
+            return [("", self)]
+        return [(d.label, d.resolve(self)) for d in self.domains]
+
+    def check_one(self) -> None:
+        """The settings of one source (the section itself, or a domain resolved against it)."""
         one_of("data.source", self.source, ("builtin", "parquet", "hub", "imagefolder", "torchvision"))
         one_of("data.partition", self.partition, ("shard", "dirichlet", "classes"))
         at_least_one("data.num_clients", self.num_clients)
