@@ -195,8 +195,9 @@ def cmd_flower(args) -> int:
     if args.auth:  # the deployment's own SuperNodes, with keys made below: a client's messages go to its key only
         cfg.federation.client_keys = str(keys_file)
     config_file.write_text(to_yaml(cfg))
-    n = cfg.data.num_clients
-    nodes = [{"partition-id": i, "num-partitions": n, "state-dir": str(work / f"client{i}")} for i in range(n)]
+    n = cfg.data.total_clients  # every domain's clients; the held-out new ones get no SuperNode
+    nodes = [{"partition-id": i, "num-partitions": n, "state-dir": str(work / f"client{i}")}
+             for i in range(cfg.data.training_clients)]
     # flwr builds the app from a folder; a copy keeps the installed package read-only
     app = write_app(work / "app", overwrite=True)
     start = time.perf_counter()

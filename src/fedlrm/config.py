@@ -510,12 +510,22 @@ def _relative_to(node: Any, folder: Path) -> Any:
         owner = raw.get(section, {}) if section else raw
         return owner.get(key, default) if isinstance(owner, dict) else default
 
+    def written_relative(value: Any) -> bool:  # as written: an interpolation is the user's (e.g. a cwd-relative variable)
+        return isinstance(value, str) and "${" not in value and not value.startswith("~") and not Path(value).is_absolute()
+
     for dotted in _PATH_KEYS:
-        value = raw_value(dotted)  # as written: an interpolation is the user's (e.g. a cwd-relative variable)
-        if not isinstance(value, str) or "${" in value or value.startswith("~") or Path(value).is_absolute():
-            continue
-        if _names_local_path(dotted, value, raw_value("data.source", "builtin"), folder):
+        value = raw_value(dotted)
+        if written_relative(value) and _names_local_path(dotted, value, raw_value("data.source", "builtin"), folder):
             OmegaConf.update(node, dotted, str((folder / value).resolve()), merge=False)
+    domains = raw_value("data.domains") or []
+    for i, domain in enumerate(domains if isinstance(domains, list) else []):
+        if not isinstance(domain, dict):
+            continue
+        for key in ("train", "test"):
+            value = domain.get(key)
+            source = domain.get("source") or raw_value("data.source", "builtin")
+            if written_relative(value) and _names_local_path(f"data.{key}", value, source, folder):
+                node.data.domains[i][key] = str((folder / value).resolve())
     return node
 
 
@@ -545,6 +555,11 @@ def absolute_paths(cfg: "RunConfig") -> "RunConfig":
             continue  # a cache folder in the home of whoever runs it
         if _names_local_path(dotted, value, out.data.source, Path.cwd()):
             setattr(owner, key, str(Path(value).expanduser().resolve()))
+    for domain in out.data.domains:
+        for key in ("train", "test"):
+            value = getattr(domain, key)
+            if _names_local_path(f"data.{key}", value, domain.source or out.data.source, Path.cwd()):
+                setattr(domain, key, str(Path(value).expanduser().resolve()))
     return out
 
 

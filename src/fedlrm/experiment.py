@@ -42,7 +42,10 @@ def run_experiment(cfg: RunConfig, *, data=None, run_dir: Path | None = None, pr
     write_config(run_dir, cfg)
     (run_dir / "data_summary.json").write_text(json.dumps(
         {"class_names": sim.data.class_names, "clients": sim.data.summary(),
-         "global_test_size": len(sim.data.global_test)}, indent=2))
+         "global_test_size": sum(len(t.images) for t in sim.data.global_tests),
+         **({"domains": [{"label": d.label, "clients": d.clients, "classes": len(d.classes),
+                          "global_test_size": len(d.global_test)} for d in sim.data.domains]}
+            if sim.data.domains else {})}, indent=2))
     result = sim.run(run_dir, stop_after_round=stop_after_round)
     if stop_after_round is None or result.round_rows and result.round_rows[-1]["round"] >= cfg.train.rounds:
         finish(sim, result, run_dir)
@@ -118,10 +121,17 @@ def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,
         log.info("[%d/%d] %s: accuracy %.2f %% (weighted; std over clients %.2f) in %.1f s", i, len(algorithms),
                  algorithm, 100 * result.summary.get("acc_weighted", float("nan")),
                  100 * result.summary.get("acc_std", float("nan")), time.perf_counter() - start)
-    title = f"{len(data.clients)} clients, {cfg.data.shots}-shot, {cfg.data.partition} split, seed {cfg.seed}"
+    if data.domains:
+        title = (f"{len(data.clients)} clients in {len(data.domains)} domains ("
+                 + ", ".join(f"{label}: {len(d.clients)}, {c.shots}-shot, {c.partition}"
+                             for d, (label, c) in zip(data.domains, cfg.data.domain_configs()))
+                 + f"), seed {cfg.seed}")
+    else:
+        title = f"{len(data.clients)} clients, {cfg.data.shots}-shot, {cfg.data.partition} split, seed {cfg.seed}"
     print_table(summaries, title, console)
     (out / "compare.md").write_text(f"# {title}\n\n" + markdown_table(summaries))
-    write_csv(out / "compare.csv", [{k: v for k, v in s.items() if k != "per_client_accuracy"} for s in summaries])
+    write_csv(out / "compare.csv", [{k: v for k, v in s.items() if k not in ("per_client_accuracy", "groups")}
+                                    for s in summaries])
     plot_compare(out / "compare.png", summaries, title)
     plot_compare_rounds(out, runs, title)
     return out, summaries

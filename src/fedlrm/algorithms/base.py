@@ -177,6 +177,11 @@ class Algorithm:
     def write_report(self, run_dir: Path, state: ServerState) -> None:
         """Write what the algorithm decided during the run (e.g. clusters) into the run directory."""
 
+    def client_groups(self, state: ServerState) -> dict[int, int] | None:
+        """The groups the method put clients in (e.g. FedLEASE's clusters): client id -> group, for
+        comparing them with a federation's true domains; None for methods that group nobody."""
+        return None
+
 
 def weighted_mean(uploads: list[Upload]) -> State:
     """Sample-weighted average of the uploaded tensors (FedAvg, paper eq. 6).

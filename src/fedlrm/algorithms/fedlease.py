@@ -116,7 +116,7 @@ class FedLEASE(Algorithm):
 
     # ----- server side ------------------------------------------------------------------
     def init_server(self, weights: State) -> ServerState:
-        return ServerState(weights, Clustering(torch.zeros(self.cfg.data.num_clients, dtype=torch.int64)))
+        return ServerState(weights, Clustering(torch.zeros(self.cfg.data.training_clients, dtype=torch.int64)))
 
     def aggregate(self, state: ServerState, uploads, server_round: int) -> ServerState:
         record = state.record
@@ -135,7 +135,7 @@ class FedLEASE(Algorithm):
 
     def start_clusters(self, record: Clustering) -> tuple[State, Clustering]:
         """Cluster the clients on their warm-up LoRAs and start one expert per cluster."""
-        n = self.cfg.data.num_clients
+        n = self.cfg.data.training_clients  # every domain's clients, less the held-out new ones
         loras = record.warmup
         seen = sorted(loras)
         b_keys = sorted(k for k in loras[seen[0]] if k.endswith(f"{LOCAL}B"))
@@ -168,6 +168,10 @@ class FedLEASE(Algorithm):
         return message
 
     # ----- records ----------------------------------------------------------------------
+    def client_groups(self, state: ServerState) -> dict[int, int] | None:
+        assignment = state.record.assignment if state.record is not None else None
+        return None if assignment is None else {c: int(a) for c, a in enumerate(assignment.tolist())}
+
     def write_report(self, run_dir, state: ServerState) -> None:
         record = state.record
         if record.assignment is None:

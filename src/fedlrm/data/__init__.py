@@ -6,12 +6,14 @@ docs/DESIGN.md section 3 for the protocol it implements.
 
 from fedlrm.data.augment import random_resized_crop_flip
 from fedlrm.data.federated import CACHE_LIMIT_BYTES, load_federated_data
-from fedlrm.data.imageset import ClientSplit, FederatedData, ImageSet
+from fedlrm.data.imageset import ClientSplit, Domain, FederatedData, GlobalTest, ImageSet
 
 __all__ = [
     "CACHE_LIMIT_BYTES",
     "ClientSplit",
+    "Domain",
     "FederatedData",
+    "GlobalTest",
     "ImageSet",
     "load_federated_data",
     "random_resized_crop_flip",

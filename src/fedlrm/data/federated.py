@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
 from fedlrm.config import DataConfig
 from fedlrm.data import partition as part
-from fedlrm.data.imageset import (ClientSplit, FederatedData, ImagePool, ImageSet, Preprocess,
+from fedlrm.data.imageset import (ClientSplit, Domain, FederatedData, ImagePool, ImageSet, Preprocess,
                                   preprocess_images)
 from fedlrm.data.sources import Split, _short, load_source, readable
 from fedlrm.errors import DataError
@@ -34,8 +35,41 @@ def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
     cost, not what all of them would. Preprocessed images are kept in memory if all of them
     would fit the budget."""
     cfg.check()  # the settings themselves; what depends on the data is checked where it is used
-    started = time.perf_counter()
     limit = CACHE_LIMIT_BYTES if cache_limit_bytes is None else cache_limit_bytes
+    if not cfg.domains:
+        return _load_one(cfg, preprocess, seed, limit)
+    # every domain gets its share of the memory budget; each is split with the run's seed, as it
+    # would be alone, so a domain's clients are those of a federation of that source only
+    loaded = []
+    for label, domain_cfg in cfg.domain_configs():
+        try:
+            loaded.append((label, _load_one(domain_cfg, preprocess, seed, limit // len(cfg.domains))))
+        except DataError as err:
+            raise DataError(f"data.domains ({label}): {err}") from None
+    return merge_domains(loaded)
+
+
+def merge_domains(loaded: list[tuple[str, FederatedData]]) -> FederatedData:
+    """One federation of several domains' clients, numbered on in domain order. The federation's
+    classes are every domain's classes in turn (names may repeat across domains: a client only
+    ever classifies over its own domain's); each client's class list is its domain's (or, with
+    data.client_classes=own, its partition's), its labels positions in that list."""
+    names: list[str] = []
+    clients: list[ClientSplit] = []
+    domains: list[Domain] = []
+    for label, data in loaded:
+        offset, first = len(names), len(clients)
+        names += data.class_names
+        for split in data.clients:
+            own = range(data.num_classes) if split.classes is None else split.classes
+            clients.append(replace(split, client_id=len(clients), classes=[offset + c for c in own]))
+        domains.append(Domain(label, list(range(first, len(clients))), list(range(offset, len(names))),
+                              data.global_test))
+    return FederatedData(names, clients, None, domains)
+
+
+def _load_one(cfg: DataConfig, preprocess: Preprocess, seed: int, limit: int) -> FederatedData:
+    started = time.perf_counter()
     source = load_source(cfg)
     names, train_labels, test_labels = _exclude(source.class_names, source.train.labels,
                                                 source.test.labels, cfg.exclude_classes)

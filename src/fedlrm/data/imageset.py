@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -167,17 +167,52 @@ class ClientSplit:
 
 
 @dataclass
+class Domain:
+    """One data source of a multi-domain federation (`data.domains`)."""
+
+    label: str
+    clients: list[int]  # the federation's ids of its clients
+    classes: list[int]  # the federation's class ids of its classes
+    global_test: ImageSet  # its test split (or a sample of it); labels are positions in `classes`
+
+
+@dataclass
+class GlobalTest:
+    """A test set the server-side model is evaluated on, over `classes` (None: every class)."""
+
+    label: str
+    classes: list[int] | None
+    images: ImageSet
+
+
+@dataclass
 class FederatedData:
     class_names: list[str]  # readable names used in prompts (underscores -> spaces)
     clients: list[ClientSplit]
-    global_test: ImageSet  # the whole test split, or a seeded subsample of global_test_size
+    # the whole test split, or a seeded subsample of global_test_size; None with several domains,
+    # whose test splits are each their own (`domains`)
+    global_test: ImageSet | None
+    domains: list[Domain] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def global_tests(self) -> list[GlobalTest]:
+        """What a global model is evaluated on: the global test set, or each domain's over its classes."""
+        if not self.domains:
+            return [GlobalTest("", None, self.global_test)] if self.global_test is not None else []
+        return [GlobalTest(d.label, d.classes, d.global_test) for d in self.domains]
+
+    def domain_of(self) -> dict[int, str]:
+        """Client id -> the label of its domain (empty for a single source)."""
+        return {c: d.label for d in self.domains for c in d.clients}
+
     def summary(self) -> list[dict]:
-        """One dict per client: client, n_train, n_test, classes (sorted label ids)."""
-        return [{"client": c.client_id, "n_train": len(c.train), "n_test": len(c.test),
+        """One dict per client: client, (its domain,) n_train, n_test, classes (sorted label ids)."""
+        domain_of = self.domain_of()
+        return [{"client": c.client_id, **({"domain": domain_of[c.client_id]} if domain_of else {}),
+                 "n_train": len(c.train), "n_test": len(c.test),
                  "classes": c.train.classes if c.classes is None else [c.classes[i] for i in c.train.classes],
                  **({} if c.classes is None else {"classifies_over": list(c.classes)})} for c in self.clients]

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from fedlrm.adapters import get_state, reset_adapters
 from fedlrm.algorithms import Algorithm, ServerState, Upload
 from fedlrm.config import RunConfig
+from fedlrm.data import GlobalTest
 from fedlrm.errors import FedLRMError
 from fedlrm.federation import privacy
 from fedlrm.federation.checkpoint import Checkpoint, canonical_config, save_checkpoint, verify_checkpoint
@@ -54,8 +55,11 @@ class RunResult:
 
 class Server:
     def __init__(self, cfg: RunConfig, algorithm: Algorithm, bundle: ModelBundle, num_clients: int,
-                 global_test=None, progress: bool = True, example_bounds: dict[int, int] | None = None):
-        """`example_bounds`: each client's training examples, where the server knows them (in-process)."""
+                 global_test=None, progress: bool = True, example_bounds: dict[int, int] | None = None,
+                 domain_of: Mapping[int, str] | None = None):
+        """`global_test`: what a global model is evaluated on, an ImageSet or a list of GlobalTest (one per
+        domain, each over its own classes); `example_bounds`: each client's training examples, where the
+        server knows them (in-process); `domain_of`: client id -> its domain, for accuracies per domain."""
         self.cfg, self.algorithm, self.bundle = cfg, algorithm, bundle
         self.example_bounds = example_bounds
         self.round_norms: dict[int, float] = {}
@@ -66,7 +70,11 @@ class Server:
                         "set federation.max_examples%s", "" if fed.max_weight_share else
                         " or cap each client's share with federation.max_weight_share")
         self.num_clients = num_clients
-        self.global_test = global_test
+        if global_test is None or isinstance(global_test, list):
+            self.global_tests = list(global_test or [])
+        else:
+            self.global_tests = [GlobalTest("", None, global_test)]
+        self.domain_of = dict(domain_of or {})
         self.progress = progress
         self.max_upload_params = 0
         self.rejections: list[Rejection] = []
@@ -255,7 +263,7 @@ class Server:
                          "bytes_up": bytes_up, "bytes_down": bytes_down,
                          "train_seconds": train_seconds}
             if rows:
-                round_row.update(client_accuracy_stats(rows))
+                round_row.update(self.accuracy_stats(rows))
                 bar.set_postfix(acc=f"{round_row['acc_weighted']:.4f}")
             compute = sum(x.compute_seconds for x in replies.values())
             compute += sum(row["eval_forward_seconds"] for row in rows + late_rows)  # those ran in this round
@@ -281,7 +289,7 @@ class Server:
                 break
         bar.close()
         reporter.close()
-        return RunResult(run_dir, client_rows, round_rows, self.summarize(client_rows, round_rows), state,
+        return RunResult(run_dir, client_rows, round_rows, self.summarize(client_rows, round_rows, state), state,
                          transport.private_states(), messages, list(self.rejections))
 
     def finish_evaluation(self, pending: dict, evals: dict[int, EvalReply], round_rows: list[dict],
@@ -297,7 +305,7 @@ class Server:
         rows = self._client_rows(p, {c: e for c, e in evals.items() if c in pending["clients"]}, trained)
         row = next(x for x in round_rows if x["round"] == p)
         if rows:
-            row.update(client_accuracy_stats(rows))
+            row.update(self.accuracy_stats(rows))
         reporter.round_done(row, rows)
         return rows
 
@@ -325,21 +333,38 @@ class Server:
             })
         return rows
 
+    def accuracy_stats(self, rows: list[dict]) -> dict:
+        """Accuracy over the clients of `rows`; with domains, also each domain's weighted accuracy
+        (`acc_weighted/<domain>`)."""
+        out = client_accuracy_stats(rows)
+        for label in dict.fromkeys(self.domain_of.values()):
+            own = [row for row in rows if self.domain_of.get(row["client"]) == label]
+            if own:
+                out[f"acc_weighted/{label}"] = client_accuracy_stats(own)["acc_weighted"]
+        return out
+
     def evaluate_global(self, state: ServerState, server_round: int) -> dict:
-        if not self.algorithm.has_global_model or self.global_test is None:
+        if not self.algorithm.has_global_model or not self.global_tests:
             return {}
         model = personalize(self.bundle, self.algorithm, self.cfg, 0, {}, state, server_round)
-        with self.algorithm.global_view(model):
-            result = evaluate(model, self.global_test, self.cfg.train.eval_batch_size, self.cfg.train)
-        return {"global_accuracy": result["accuracy"], "global_loss": result["loss"],
-                "forward_seconds": result["forward_seconds"]}
+        results = []
+        for test in self.global_tests:  # each domain's test split over that domain's classes
+            with model.classifying_over(test.classes), self.algorithm.global_view(model):
+                results.append(evaluate(model, test.images, self.cfg.train.eval_batch_size, self.cfg.train))
+        n = sum(r["examples"] for r in results)
+        out = {"global_accuracy": sum(r["accuracy"] * r["examples"] for r in results) / n,
+               "global_loss": sum(r["loss"] * r["examples"] for r in results) / n,
+               "forward_seconds": sum(r["forward_seconds"] for r in results)}
+        if len(self.global_tests) > 1:
+            out.update({f"global_accuracy/{t.label}": r["accuracy"] for t, r in zip(self.global_tests, results)})
+        return out
 
     def write_rejections(self, run_dir: Path) -> None:
         if self.rejections:
             (run_dir / "rejected_updates.json").write_text(json.dumps(
                 [{"round": x.round, "client": x.client, "reason": x.reason} for x in self.rejections], indent=2))
 
-    def summarize(self, client_rows: list[dict], round_rows: list[dict]) -> dict:
+    def summarize(self, client_rows: list[dict], round_rows: list[dict], state: ServerState | None = None) -> dict:
         last_round = max((row["round"] for row in client_rows), default=None)
         final = [row for row in client_rows if row["round"] == last_round]
         participations = sum(row.get("clients_answered", row["clients_sampled"]) for row in round_rows)
@@ -349,18 +374,37 @@ class Server:
         return {
             "algorithm": self.algorithm.name,
             "rounds": last_round,
-            **(client_accuracy_stats(final) if final else {}),
+            **(self.accuracy_stats(final) if final else {}),
             **(spread_over_clients(final) if final else {}),
             **best_round(client_rows),
             "per_client_accuracy": {row["client"]: row["accuracy"] for row in final},
             "global_accuracy": round_rows[-1].get("global_accuracy") if round_rows else None,
+            **{k: v for k, v in (round_rows[-1] if round_rows else {}).items() if k.startswith("global_accuracy/")},
             "mb_up_per_client_round": up / participations / 1e6 if participations else 0.0,
             "mb_down_per_client_round": down / participations / 1e6 if participations else 0.0,
             "wall_seconds": sum(row["wall_seconds"] for row in round_rows),
             "trainable": params,
             "uploaded": self.max_upload_params,
             "rejected_updates": len(self.rejections),
+            **(self.groups_against_domains(state) if state is not None else {}),
         }
+
+    def groups_against_domains(self, state: ServerState) -> dict:
+        """How the groups the method formed (FedLEASE's clusters) match the federation's true domains:
+        the adjusted Rand index (1: the same partition, about 0: no better than chance) and the share
+        of clients in their group's majority domain."""
+        groups = self.algorithm.client_groups(state)
+        if not groups or not self.domain_of:
+            return {}
+        from sklearn.metrics import adjusted_rand_score
+
+        clients = sorted(c for c in groups if c in self.domain_of)
+        truth = [self.domain_of[c] for c in clients]
+        found = [groups[c] for c in clients]
+        majority = sum(max(truth_in.count(d) for d in set(truth_in))
+                       for g in set(found) for truth_in in [[t for t, f in zip(truth, found) if f == g]])
+        return {"groups_ari": float(adjusted_rand_score(truth, found)), "groups_purity": majority / len(clients),
+                "groups": {str(c): {"group": groups[c], "domain": self.domain_of[c]} for c in clients}}
 
 
 def client_accuracy_stats(rows: list[dict]) -> dict:

@@ -71,7 +71,8 @@ class Simulation:
         self.bundle: ModelBundle = build_model(backbone, self.data.class_names, cfg, self.algorithm)
         self.bundle.model.to(device)
         self.num_clients = len(self.data.clients)
-        self.server = Server(cfg, self.algorithm, self.bundle, self.num_clients, self.data.global_test, progress,
+        self.server = Server(cfg, self.algorithm, self.bundle, self.num_clients, self.data.global_tests, progress,
+                             domain_of=self.data.domain_of(),
                              example_bounds={c: len(split.train) for c, split in enumerate(self.data.clients)})
         # one store of every client's private state: on disk in the run directory but for those that changed
         # since the last checkpoint (`fedlrm.federation.states`)

@@ -43,30 +43,55 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def format_row(summary: dict) -> list[str]:
+#: per-domain columns of a multi-domain federation, each placed after the column of its overall figure
+_BY_DOMAIN = {"acc_weighted/": ("acc_mean", "acc {} %"), "global_accuracy/": ("global_accuracy", "global model {} %")}
+
+
+def compare_columns(summaries: list[dict]) -> list[tuple[str, str, str]]:
+    """COMPARE_COLUMNS, with a column per domain (`acc_weighted/<domain>`, `global_accuracy/<domain>`)
+    and the agreement of a method's client groups with the domains where the summaries have them."""
+    columns = list(COMPARE_COLUMNS)
+    keys = list(dict.fromkeys(k for s in summaries for k in s))
+    for prefix, (after, title) in _BY_DOMAIN.items():
+        own = [k for k in keys if k.startswith(prefix)]
+        at = next((i for i, c in enumerate(columns) if c[0] == after), len(columns) - 1) + 1
+        columns[at:at] = [(k, title.format(k[len(prefix):]), "{:.2f}") for k in own]
+    if "groups_ari" in keys:
+        at = next(i for i, c in enumerate(columns) if c[0] == "mb_up_per_client_round")
+        columns[at:at] = [("groups_ari", "clusters vs domains (ARI)", "{:.2f}")]
+    return columns
+
+
+def _percent(key: str) -> bool:
+    return key in PERCENT or key.startswith(tuple(_BY_DOMAIN))
+
+
+def format_row(summary: dict, columns: list[tuple[str, str, str]] | None = None) -> list[str]:
     cells = []
-    for key, _, fmt in COMPARE_COLUMNS:
+    for key, _, fmt in columns or COMPARE_COLUMNS:
         value = summary.get(key)
         if value is None:
             cells.append("-")
         else:
-            cells.append(fmt.format(value * 100 if key in PERCENT else value))
+            cells.append(fmt.format(value * 100 if _percent(key) else value))
     return cells
 
 
 def markdown_table(summaries: list[dict]) -> str:
-    head = [title for _, title, _ in COMPARE_COLUMNS]
+    columns = compare_columns(summaries)
+    head = [title for _, title, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(format_row(s)) + " |" for s in summaries]
+    lines += ["| " + " | ".join(format_row(s, columns)) + " |" for s in summaries]
     return "\n".join(lines) + "\n"
 
 
 def print_table(summaries: list[dict], title: str, console: Console | None = None) -> None:
     table = Table(title=title)
-    for i, (_, name, _) in enumerate(COMPARE_COLUMNS):
+    columns = compare_columns(summaries)
+    for i, (_, name, _) in enumerate(columns):
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for s in summaries:
-        table.add_row(*format_row(s))
+        table.add_row(*format_row(s, columns))
     (console or wide_console()).print(table)
 
 

@@ -32,6 +32,9 @@ def round_line(row: dict, last_round: int, method: str) -> str:
     else:
         parts.append(f"accuracy {100 * row['acc_weighted']:.2f} % (weighted; unweighted {100 * row['acc_mean']:.2f} "
                      f"± {100 * row['acc_std']:.2f} over clients),")
+        per_domain = [f"{k.partition('/')[2]} {100 * v:.2f} %" for k, v in row.items() if k.startswith("acc_weighted/")]
+        if per_domain:
+            parts.append(f"by domain: {', '.join(per_domain)},")
     if row.get("global_accuracy") is not None:
         parts.append(f"global model {100 * row['global_accuracy']:.2f} %,")
     parts.append(f"{row['wall_seconds']:.1f} s")
@@ -80,7 +83,8 @@ class RoundReporter:
         if self.writer is None:
             return
         step = row["round"]
-        for key in ROUND_SCALARS:
+        by_domain = [k for k in row if k.startswith(("acc_weighted/", "global_accuracy/"))]
+        for key in (*ROUND_SCALARS, *by_domain):
             if row.get(key) is not None:
                 self.writer.add_scalar(f"round/{key}", float(row[key]), step)
         for client in client_rows:

@@ -147,11 +147,11 @@ class NodeClient:
         data_cfg = cfg.data
         if "data-dir" in self.node_config:
             data_cfg = own_data_config(cfg, Path(str(self.node_config["data-dir"])).expanduser())
-        elif int(self.node_config.get("num-partitions", data_cfg.num_clients)) != data_cfg.num_clients:
+        elif int(self.node_config.get("num-partitions", data_cfg.total_clients)) != data_cfg.total_clients:
             raise DataError(f"this SuperNode serves partition {self.client_id} of "
                             f"{self.node_config['num-partitions']}, but the run splits the data among "
-                            f"data.num_clients={data_cfg.num_clients}; start SuperNodes with "
-                            f"num-partitions={data_cfg.num_clients}")
+                            f"{data_cfg.total_clients} clients (data.num_clients, or the sum over data.domains); "
+                            f"start SuperNodes with num-partitions={data_cfg.total_clients}")
         key = hashlib.sha256(json.dumps([to_dict(cfg)["data"], cfg.model.name, cfg.model.backend, cfg.seed,
                                          str(self.node_config.get("data-dir"))], sort_keys=True,
                                         default=str).encode()).hexdigest()[:16]

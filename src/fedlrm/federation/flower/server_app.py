@@ -71,7 +71,7 @@ class FlowerTransport:
                         "messages (docs/security.md)")
             return None
         keys = read_client_keys(path)
-        missing = sorted(set(range(self.cfg.data.num_clients)) - set(keys.keys))
+        missing = sorted(set(range(self.cfg.data.training_clients)) - set(keys.keys))
         log.info("SuperNodes are checked against the keys in %s", keys.path)
         if missing:
             log.warning("%s gives no key for client(s) %s: no SuperNode can serve them in this run", keys.path, missing)
@@ -121,7 +121,7 @@ class FlowerTransport:
                         record = answer.content.get(METRICS)
                     except Exception:  # whatever a node sends must not end the run
                         record = None
-                verdict = judge(node, node_keys.get(node), record, self.cfg.data.num_clients, self.client_keys, error)
+                verdict = judge(node, node_keys.get(node), record, self.cfg.data.training_clients, self.client_keys, error)
                 if verdict.ok:
                     self.client_of_node[node] = verdict.client
                     if self.client_keys is not None:
@@ -133,7 +133,7 @@ class FlowerTransport:
                     self.refuse(verdict, round_index)
             for node in sorted(set(unknown) - answered):
                 if self.stranger(node_keys.get(node)):  # refused at once, so that it cannot stall each round
-                    self.refuse(judge(node, node_keys.get(node), None, self.cfg.data.num_clients, self.client_keys,
+                    self.refuse(judge(node, node_keys.get(node), None, self.cfg.data.training_clients, self.client_keys,
                                       "no answer in time"), round_index)
         clients: dict[int, int] = {}
         for node, client in self.client_of_node.items():  # in order of discovery: the newest node wins
@@ -339,10 +339,10 @@ def main(grid: Grid, context: Context) -> None:
             cfg.output_dir = str(Path.home() / "fedlrm-runs" / cfg.output_dir)
     device = resolve_device(cfg.train.device)  # a device this machine lacks: refused before loading
     backbone = load_backbone(cfg.model)
-    global_test, class_names = None, None
+    global_tests, class_names, domain_of = [], None, {}
     if rc.get("global-eval", True):
         data = load_federated_data(cfg.data, backbone.preprocess, cfg.seed)
-        global_test, class_names = data.global_test, data.class_names
+        global_tests, class_names, domain_of = data.global_tests, data.class_names, data.domain_of()
     algorithm = get_algorithm(cfg)
     bundle = build_model(backbone, class_names or [f"class {i}" for i in range(2)], cfg, algorithm)
     bundle.model.to(device)
@@ -352,10 +352,12 @@ def main(grid: Grid, context: Context) -> None:
         run_key = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
         (run_dir / "run_key").write_text(run_key)
     log.info("run directory: %s", run_dir)
-    server = Server(cfg, algorithm, bundle, cfg.data.num_clients, global_test, progress=False)
+    # held-out new clients (data.new_clients) take no part: a SuperNode claiming one is refused
+    server = Server(cfg, algorithm, bundle, cfg.data.training_clients, global_tests, progress=False,
+                    domain_of=domain_of)
     # before anything is written or SuperNodes are waited for; clients keep their own private state
     ckpt = verify_checkpoint(run_dir, cfg, server, ()) if resume else None
-    wait_for = int(rc.get("wait-for-clients", 0) or cfg.data.num_clients)
+    wait_for = int(rc.get("wait-for-clients", 0) or cfg.data.training_clients)
     transport = FlowerTransport(grid, context, cfg, run_key, run_dir, float(rc.get("node-wait-timeout", 120.0)), wait_for)
     result = server.run(transport, run_dir, resume=ckpt if ckpt is not None else False)
     write_run_report(run_dir, result, cfg.algorithm)
