@@ -134,3 +134,17 @@ def test_a_config_files_relative_domain_paths_are_read_against_its_folder(tmp_pa
     cfg = load_config(folder / "two.yaml", [])
     assert cfg.data.domains[0].train == str((folder / "data" / "train.parquet").resolve())
     assert cfg.data.domains[0].test == str((folder / "data" / "test.parquet").resolve())
+
+
+def test_a_supernode_of_the_second_domain_classifies_over_that_domains_classes_only(tiny_overrides, tiny_dataset,
+                                                                                   tmp_path):
+    from test_flower_client import first_message, node
+
+    cfg = load_config(None, tiny_overrides + two_domains(tiny_dataset) + ["algorithm=fedlrm"])
+    client = node({"partition-id": 3, "num-partitions": 5, "state-dir": str(tmp_path / "n3")}, cfg,
+                  first_message(cfg), 1)
+    model = client.client.bundle.model
+    assert client.class_names == model.class_names == ["red", "green", "blue", "black"]
+    assert model(next(client.client.split.test.batches(4))[0]).shape[1] == 4
+    with pytest.raises(Exception, match="num-partitions=5"):  # the sum over the domains, not data.num_clients
+        node({"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path / "n1")}, cfg, first_message(cfg), 1)
