@@ -1,5 +1,5 @@
 """The `fedlrm` command: run, compare, flower, params, pretrain, config, configs, flower-app,
-predict, evaluate, export."""
+predict, evaluate, personalize, export."""
 
 from __future__ import annotations
 
@@ -127,6 +127,21 @@ def _inference_parsers(sub) -> None:
     ev.add_argument("--out", default="evaluation", help="the folder to write into (default: ./evaluation)")
     run_args(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    pers = sub.add_parser("personalize", help="bring your own new client into a finished run: adapt from its "
+                                               "final server state on your data, evaluate, write its adapters")
+    pers.add_argument("run_dir", metavar="RUN_DIR", help="the directory of a finished run")
+    pers.add_argument("--data", required=True, metavar="PATH",
+                      help="the new client's data: a folder with train/ and test/ (one subfolder per class in "
+                           "each) or with train.parquet and test.parquet")
+    pers.add_argument("--epochs", type=int, help="local epochs to adapt for (default: the run's "
+                                                 "data.new_client_epochs, else train.local_epochs)")
+    pers.add_argument("--out", help="the folder to write the adapters and result.json to (new or empty; "
+                                    "default: RUN_DIR/personalized/<name of the data folder>)")
+    pers.add_argument("--class-names", help="comma-separated class names in label order, for Parquet data with "
+                                            "plain integer labels (default: the data's own names)")
+    pers.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default: the run's train.device)")
+    pers.set_defaults(func=cmd_personalize)
 
     exp = sub.add_parser("export", help="write a client's model with its LoRA merged into the weights "
                                         "(a plain transformers CLIPModel folder)")
@@ -369,6 +384,20 @@ def cmd_evaluate(args) -> int:
             cm.add_row(c, *[str(v) for v in row])
         console.print(cm)
     console.print(f"written to {out.resolve()}: " + ", ".join(p.name for p in files.values()))
+    return 0
+
+
+def cmd_personalize(args) -> int:
+    from fedlrm.federation.newcomers import personalize_run
+
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    out, result = personalize_run(args.run_dir, args.data, epochs=args.epochs, out=args.out, device=args.device,
+                                  class_names=names)
+    trained = (f"adapted for {result['epochs']} epoch(s) on {result['n_train']} images"
+               if result["epochs"] else "nothing to train (evaluated as received)")
+    print(f"{result['algorithm']}: new client on {args.data}, {trained}: accuracy "
+          f"{100 * result['accuracy']:.2f} % on its {result['n_test']} test images")
+    print(f"its model and result.json written to {out}; use it with `fedlrm predict {out} IMAGES`")
     return 0
 
 

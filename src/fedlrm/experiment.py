@@ -21,6 +21,7 @@ from fedlrm.data import load_federated_data
 from fedlrm.errors import ConfigError
 from fedlrm.federation.checkpoint import check_config, verify_checkpoint
 from fedlrm.federation.export import save_personalized
+from fedlrm.federation.newcomers import adapt_newcomer, newcomer_epochs, newcomer_summary
 from fedlrm.federation.rundir import check_run_dir, new_run_dir, read_run_config, write_config
 from fedlrm.federation.server import RunResult
 from fedlrm.federation.simulation import Simulation
@@ -69,16 +70,49 @@ def resume_experiment(run_dir: str | Path, progress: bool = True) -> RunResult:
 
 
 def finish(sim: Simulation, result: RunResult, run_dir: Path) -> None:
-    write_run_report(run_dir, result, sim.cfg.algorithm)
+    newcomers = bring_in_newcomers(sim, result, run_dir)
+    write_run_report(run_dir, result, sim.cfg.algorithm, newcomers)
     if not sim.algorithm.trains:
         return
     sim.algorithm.write_report(run_dir, result.server_state)
     last = sim.cfg.train.rounds
     for c in exported_clients(sim, result):
+        if c >= sim.num_clients:  # a new client's model is saved as it adapts (bring_in_newcomers)
+            continue
         model = personalize(sim.bundle, sim.algorithm, sim.cfg, c, result.client_states[c], result.server_state, last)
         save_personalized(run_dir / "adapters" / f"client_{c:02d}", model, sim.cfg,
                           sim.data.clients[c].class_names(sim.data.class_names), c,
                           sim.bundle.layout, sim.algorithm.message_for(result.server_state, c, last), last)
+
+
+def bring_in_newcomers(sim: Simulation, result: RunResult, run_dir: Path) -> list[dict]:
+    """The held-out clients (data.new_clients), each adapted from the final server state as its
+    algorithm brings a newcomer in and evaluated: their rows, also written to new_clients.json and
+    summed up in the run summary (new_acc_weighted, ...); their adapters are saved where
+    report.export_adapters selects them. Seeded as training is, so a resumed run gives the same."""
+    if not sim.newcomers:
+        return []
+    cfg, algorithm = sim.cfg, sim.algorithm
+    last = cfg.train.rounds if algorithm.trains else 0
+    epochs = newcomer_epochs(cfg)
+    selection = cfg.report.export_selection()
+    export = algorithm.trains and (selection in ("all", "trained") or isinstance(selection, list))
+    domain_of = sim.data.domain_of()
+    rows = []
+    for c, split in enumerate(sim.newcomers, start=sim.num_clients):
+        _, row = adapt_newcomer(sim.bundle, algorithm, cfg, c, split, result.server_state, last, epochs)
+        rows.append({**row, **({"domain": domain_of[c]} if c in domain_of else {})})
+        if export and (not isinstance(selection, list) or c in selection):
+            save_personalized(run_dir / "adapters" / f"client_{c:02d}", sim.bundle.model, cfg,
+                              split.class_names(sim.data.class_names), c, sim.bundle.layout,
+                              algorithm.newcomer_message(result.server_state, last), last)
+    (run_dir / "new_clients.json").write_text(json.dumps(rows, indent=2))
+    result.summary.update(newcomer_summary(rows))
+    logging.getLogger("fedlrm.newcomers").info(
+        "%s: %d new client(s) adapted from the final server state for %d epoch(s): accuracy %.2f %% (weighted), "
+        "participating clients %.2f %%", algorithm.name, len(rows), epochs if algorithm.trains else 0,
+        100 * result.summary["new_acc_weighted"], 100 * result.summary.get("acc_weighted", float("nan")))
+    return rows
 
 
 def exported_clients(sim: Simulation, result: RunResult) -> list[int]:

@@ -21,6 +21,10 @@ by default (`is_shared`); everything else (local experts, gates) is private to a
 is kept by the runtime between rounds on that client. An algorithm whose adapters change
 shape during a run (FedLEASE after clustering) says so through `layout_of`: the runtime
 rebuilds a client's adapters when the layout a message implies differs from its model's.
+
+A client held out of training (`data.new_clients`) joins once the run is over: it receives
+`newcomer_message` from the final server state, trains the weights `newcomer_trains` names for a
+few local epochs, and is evaluated; it sends nothing.
 """
 
 from __future__ import annotations
@@ -142,6 +146,24 @@ class Algorithm:
     def aggregate(self, state: ServerState, uploads: list[Upload], server_round: int) -> ServerState:
         """The new server state from this round's uploads (paper eq. 6 by default)."""
         return ServerState({**state.weights, **weighted_mean(uploads)}, state.record)
+
+    def newcomer_message(self, state: ServerState, server_round: int) -> State:
+        """What a client that joins after `server_round`, the run's last, receives from the final
+        server state. By default what any client receives (`message_for`, which does not depend on
+        the client unless a method overrides it); methods whose messages are drawn per client
+        (FedLEASE's cluster, F3OCUS's blocks) place the newcomer by a rule of their own."""
+        return self.message_for(state, 0, server_round)
+
+    def newcomer_trains(self, keys: list[str]) -> list[str]:
+        """Of the model's adapter weights `keys`, those a newcomer trains, within what `receive` left
+        trainable: by default its private ones (FedLRM's local expert and gate, APFL's local LoRA,
+        FedLEASE's router, Local's and FedPIA's own LoRA), the shared weights staying as the server
+        sent them; where there are none (FedAvg, FedProx, F3OCUS), the shared ones: a plain local
+        fine-tune of the global LoRA. Nothing for a method that does not train."""
+        if not self.trains:
+            return []
+        private = [k for k in keys if not self.is_shared(k)]
+        return private or list(keys)
 
     def example_message(self, state: ServerState, private: State, client_id: int) -> State:
         """A message as a client receives it in a typical training round, for benchmarks that

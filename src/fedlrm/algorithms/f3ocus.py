@@ -230,11 +230,22 @@ class F3OCUS(Algorithm):
         return Selections(torch.from_numpy(picked["masks"]), torch.from_numpy(scores), fronts, chosen)
 
     def init_server(self, weights: State) -> ServerState:
-        n, L = self.cfg.data.num_clients, len(blocks(weights))
+        # the clients that train: a new client (data.new_clients) must not shape their selection
+        n, L = self.cfg.data.training_clients, len(blocks(weights))
         return ServerState(weights, self.select(np.full((n, L), 1.0 / L), 1, None))
 
     def message_for(self, state: ServerState, client_id: int, server_round: int) -> State:
         return {**state.weights, MASK: state.record.masks[client_id].clone()}
+
+    def newcomer_message(self, state: ServerState, server_round: int) -> State:
+        """The weights and, as a newcomer's blocks, the `f3ocus.budget` blocks of highest mean score
+        over the clients (the lower block among equals): the server has no scores of a newcomer, so it
+        picks what is important to the federation. The newcomer fine-tunes those blocks' LoRA."""
+        mean = state.record.scores.double().mean(0)
+        chosen = torch.argsort(-mean, stable=True)[: self.settings.budget]
+        mask = torch.zeros_like(state.record.masks[0])
+        mask[chosen] = 1
+        return {**state.weights, MASK: mask}
 
     def aggregate(self, state: ServerState, uploads, server_round: int) -> ServerState:
         scores = state.record.scores.numpy().copy()

@@ -98,6 +98,16 @@ class FedLEASE(Algorithm):
             message[CLUSTER] = state.record.assignment[client_id].clone()
         return message
 
+    def newcomer_message(self, state: ServerState, server_round: int) -> State:
+        """All cluster experts, and as the newcomer's cluster the largest one (the lowest index among
+        equals): the rule clustering applies to clients it has no warm-up LoRA of, as the server has
+        none of a newcomer. It then trains its router (the default `newcomer_trains`), the experts
+        staying as the server holds them."""
+        message = dict(state.weights)
+        if state.record.assignment is not None:
+            message[CLUSTER] = torch.bincount(state.record.assignment).argmax()
+        return message
+
     def receive(self, model, ctx) -> None:
         set_state(model, {k: v for k, v in ctx.received.items() if k != CLUSTER})
         if CLUSTER not in ctx.received:
@@ -135,7 +145,7 @@ class FedLEASE(Algorithm):
 
     def start_clusters(self, record: Clustering) -> tuple[State, Clustering]:
         """Cluster the clients on their warm-up LoRAs and start one expert per cluster."""
-        n = self.cfg.data.training_clients  # every domain's clients, less the held-out new ones
+        n = self.cfg.data.training_clients  # new clients are none of the server's (data.new_clients)
         loras = record.warmup
         seen = sorted(loras)
         b_keys = sorted(k for k in loras[seen[0]] if k.endswith(f"{LOCAL}B"))

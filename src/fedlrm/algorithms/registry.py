@@ -76,18 +76,21 @@ def check(cfg: RunConfig) -> None:
     cfg.check_shared()
     # Checked now, not after round 1 has trained: a round is aggregated only with
     # min_clients valid uploads, and at most the sampled clients upload.
-    sampled = clients_per_round(cfg.data.num_clients, cfg.train.client_fraction)
+    # rounds sample from the clients that train: the new ones (data.new_clients) join after the last
+    training = cfg.data.training_clients
+    sampled = clients_per_round(training, cfg.train.client_fraction)
     if cfg.federation.min_clients > sampled:
+        held_out = f", less data.new_clients={cfg.data.new_clients}" if cfg.data.new_clients else ""
         raise ConfigError(
             f"federation.min_clients={cfg.federation.min_clients} can never be met: each round samples "
-            f"{sampled} client(s) (train.client_fraction={cfg.train.client_fraction} of "
-            f"data.num_clients={cfg.data.num_clients}); lower federation.min_clients to at most {sampled} "
-            f"or sample more clients")
+            f"{sampled} client(s) (train.client_fraction={cfg.train.client_fraction} of the {training} "
+            f"training clients: {cfg.data.total_clients} in all{held_out}); lower "
+            f"federation.min_clients to at most {sampled} or sample more clients")
     check_defences(cfg, sampled)
     export = cfg.report.export_selection()
-    if isinstance(export, list) and export[-1] >= cfg.data.num_clients:
+    if isinstance(export, list) and export[-1] >= cfg.data.total_clients:  # new clients' ids included
         raise ConfigError(f"report.export_adapters names client {export[-1]}, but the run has clients "
-                          f"0..{cfg.data.num_clients - 1} (data.num_clients={cfg.data.num_clients})")
+                          f"0..{cfg.data.total_clients - 1} (the new ones of data.new_clients included)")
     for name, cls in ALGORITHMS.items():
         cls.check(cfg.methods[name], cfg)
     if cfg.privacy.secagg and not ALGORITHMS[cfg.algorithm].aggregates_by_mean:

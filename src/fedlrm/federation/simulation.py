@@ -70,16 +70,23 @@ class Simulation:
         self.data = data if data is not None else load_federated_data(cfg.data, backbone.preprocess, cfg.seed)
         self.bundle: ModelBundle = build_model(backbone, self.data.class_names, cfg, self.algorithm)
         self.bundle.model.to(device)
-        self.num_clients = len(self.data.clients)
+        # The clients that train; the last data.new_clients splits are held out until the run is over
+        # (`newcomers`): the server knows nothing of them, so it can neither sample nor message them.
+        self.num_clients = len(self.data.clients) - cfg.data.new_clients
+        if self.num_clients < 1:
+            raise ConfigError(f"data.new_clients={cfg.data.new_clients} holds out every one of the "
+                              f"{len(self.data.clients)} clients of the data; hold out fewer")
+        training = self.data.clients[:self.num_clients]
+        self.newcomers = self.data.clients[self.num_clients:]
         self.server = Server(cfg, self.algorithm, self.bundle, self.num_clients, self.data.global_tests, progress,
                              domain_of=self.data.domain_of(),
-                             example_bounds={c: len(split.train) for c, split in enumerate(self.data.clients)})
+                             example_bounds={c: len(split.train) for c, split in enumerate(training)})
         # one store of every client's private state: on disk in the run directory but for those that changed
         # since the last checkpoint (`fedlrm.federation.states`)
         self.states = PrivateStates(range(self.num_clients),
                                     lambda c: initial_private(self.bundle, self.algorithm, cfg, c))
         self.clients = [Client(self.bundle, self.algorithm, cfg, c, split, states=self.states)
-                        for c, split in enumerate(self.data.clients)]
+                        for c, split in enumerate(training)]
 
     def run(self, run_dir: Path | None = None, resume: bool = False,
             stop_after_round: int | None = None) -> RunResult:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -169,6 +171,23 @@ class TrainStats:
     cached_from_block: int = 0
 
 
+@contextmanager
+def training_only(model: nn.Module, keys: list[str]) -> Iterator[None]:
+    """Within the block only the adapter weights named in `keys` train, of those trainable now
+    (an algorithm's `receive` may have frozen some); the others are frozen, and every weight is
+    as trainable as before afterwards. A new client adapts so (`Algorithm.newcomer_trains`)."""
+    params = adapter_parameters(model)
+    before = {k: p.requires_grad for k, p in params.items()}
+    keep = set(keys)
+    for k, p in params.items():
+        p.requires_grad_(before[k] and k in keep)
+    try:
+        yield
+    finally:
+        for k, p in params.items():
+            p.requires_grad_(before[k])
+
+
 def train_step(model: ClipClassifier, algorithm: Algorithm, inputs: torch.Tensor, labels: torch.Tensor,
                ctx: ClientRound, optimizer: torch.optim.Optimizer, cfg: TrainConfig, start_block: int = 0) -> float:
     """One optimiser step on a batch; returns the batch's cross-entropy. `inputs` are images,
@@ -186,9 +205,13 @@ def train_step(model: ClipClassifier, algorithm: Algorithm, inputs: torch.Tensor
 
 
 def train_locally(model: ClipClassifier, algorithm: Algorithm, train_set, ctx: ClientRound,
-                  cfg: RunConfig) -> TrainStats:
+                  cfg: RunConfig, epochs: int | None = None) -> TrainStats:
     """Local epochs of one client in one round. Every random number comes from seeds
-    derived from (run seed, round, client), so a resumed run replays a round exactly."""
+    derived from (run seed, round, client), so a resumed run replays a round exactly.
+
+    `epochs` (a new client adapting after the run): that many epochs, with a learning-rate
+    schedule of their own from train.lr, rather than train.local_epochs at this round's point
+    of the run's schedule (which ends at zero after the last round)."""
     t = cfg.train
     seed = derive_seed(cfg.seed, "train", ctx.server_round, ctx.client_id)
     torch.manual_seed(seed)  # dropout
@@ -196,8 +219,12 @@ def train_locally(model: ClipClassifier, algorithm: Algorithm, train_set, ctx: C
     params = [p for p in adapter_parameters(model).values() if p.requires_grad]
     optimizer = make_optimizer(params, t)
     steps_per_epoch = math.ceil(len(train_set) / t.batch_size)
-    total_steps = t.rounds * t.local_epochs * steps_per_epoch
-    step = (ctx.server_round - 1) * t.local_epochs * steps_per_epoch
+    if epochs is None:
+        epochs = t.local_epochs
+        total_steps = t.rounds * t.local_epochs * steps_per_epoch
+        step = (ctx.server_round - 1) * t.local_epochs * steps_per_epoch
+    else:
+        total_steps, step = epochs * steps_per_epoch, 0
     device = next(model.buffers()).device
     model.train()
     start, compute, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
@@ -206,7 +233,7 @@ def train_locally(model: ClipClassifier, algorithm: Algorithm, train_set, ctx: C
         t0 = time.perf_counter()
         hidden = prefix_hidden(model, train_set, first, t.batch_size, t.precision, lambda: autocast(t, device))
         compute += time.perf_counter() - t0
-    for _ in range(t.local_epochs):
+    for _ in range(epochs):
         if first:
             batches = ((hidden[i], train_set.labels[i]) for i in
                        train_set.index_batches(t.batch_size, shuffle=True, generator=generator))

@@ -22,6 +22,8 @@ COMPARE_COLUMNS = [
     ("acc_std", "std over clients", "{:.2f}"),
     ("acc_worst", "worst client %", "{:.2f}"),
     ("acc_p10", "p10 over clients %", "{:.2f}"),
+    # the held-out clients (data.new_clients), adapted after the run from its final server state
+    ("new_acc_weighted", "new clients %", "{:.2f}"),
     ("acc_best", "best round %", "{:.2f}"),
     ("best_round", "best round", "{}"),
     ("global_accuracy", "global model %", "{:.2f}"),
@@ -29,7 +31,8 @@ COMPARE_COLUMNS = [
     ("trainable", "trainable params", "{:,}"),
     ("wall_seconds", "wall s", "{:.1f}"),
 ]
-PERCENT = {"acc_weighted", "acc_mean", "acc_std", "acc_worst", "acc_p10", "acc_best", "global_accuracy"}
+PERCENT = {"acc_weighted", "acc_mean", "acc_std", "acc_worst", "acc_p10", "acc_best", "global_accuracy",
+           "new_acc_weighted"}
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -324,13 +327,21 @@ def plot_compare_rounds(out: Path, runs: dict[str, tuple[list[dict], list[dict]]
                         out / method / "accuracy_per_round.png")
 
 
-def write_run_report(run_dir: Path, result, method: str) -> None:
+def write_run_report(run_dir: Path, result, method: str, new_clients: list[dict] | None = None) -> None:
+    """metrics.csv, rounds.csv, summary.json and .md, and the plots; `new_clients`: the rows of the
+    clients held out of training and adapted after it, listed in summary.md after the others."""
     write_csv(run_dir / "metrics.csv", result.client_rows)
     write_csv(run_dir / "rounds.csv", result.round_rows)
     summary = {"method": method, **result.summary}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    newcomers = ""
+    if new_clients:
+        epochs = max(row["epochs"] for row in new_clients)
+        newcomers = ("\n## New clients\n\nHeld out of training; each adapted from the final server state"
+                     + (f" for {epochs} local epoch(s)" if epochs else " (nothing to train)") + ", then evaluated.\n\n"
+                     + per_client_markdown({row["client"]: row["accuracy"] for row in new_clients}))
     (run_dir / "summary.md").write_text(f"# {method}\n\n" + markdown_table([summary]) + "\n"
-                                        + per_client_markdown(result.summary["per_client_accuracy"]))
+                                        + per_client_markdown(result.summary["per_client_accuracy"]) + newcomers)
     plot_run(run_dir, result.client_rows, result.round_rows, method)
 
 
