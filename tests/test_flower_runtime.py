@@ -64,7 +64,8 @@ def assert_all_ended(pids):
     assert not alive, f"processes still alive after the deployment closed: {alive}"
 
 
-def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home(tiny_overrides, tmp_path):
+def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home(tiny_overrides, tiny_dataset,
+                                                                                 tmp_path):
     overrides = tiny_overrides + SAME_THREADS + ["algorithm=fedlrm", "train.rounds=2", f"output_dir={tmp_path / 'runs'}"]
     started = []
     with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path), tls=True, auth=True) as dep:
@@ -107,6 +108,13 @@ def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home
             assert len(shape) == 2 and min(shape) <= 4, f"{key} of shape {shape} is not a rank-4 LoRA factor"
     uploads = [r for r in crossed if r["direction"] == "up" and r["kind"] == "train"]
     assert len(uploads) == 2 * NODES and all(r["bytes"] > 0 for r in uploads)
+
+    # a user's own new client joins the Flower run from its final server state (the run holds no client states)
+    from fedlrm.federation.newcomers import personalize_run
+
+    out, joined = personalize_run(tmp_path / "runs" / "flower", Path(tiny_dataset["train"]).parent, epochs=1,
+                                  out=tmp_path / "newcomer")
+    assert (out / "result.json").is_file() and 0 <= joined["accuracy"] <= 1 and joined["round"] == 2
 
 
 def test_crashed_and_frozen_clients_are_left_out_and_rejoin_with_the_current_state(tiny_overrides, tmp_path):
