@@ -43,9 +43,10 @@ CONTRACT = {
     "apfl": dict(private=LOCAL, down=GLOBAL, up=GLOBAL),
     "fedlrm": dict(private=LOCAL | {"mixer.proj.weight"}, down=GLOBAL, up=GLOBAL),
     # warm-up: the local LoRA goes up, nothing comes down; then all cluster experts and the
-    # client's cluster come down, and its own cluster's expert goes up; the router stays
-    "fedlease": dict(private={"mixer.proj.weight"}, down=CLUSTER_EXPERTS | {"fedlease.cluster"},
-                     up=LOCAL | CLUSTER_EXPERTS),
+    # client's cluster and that cluster's router come down, and its own cluster's expert and its
+    # router go up (the official variant: routers are averaged within each cluster)
+    "fedlease": dict(private=set(), down=CLUSTER_EXPERTS | {"fedlease.cluster", "mixer.proj.weight"},
+                     up=LOCAL | CLUSTER_EXPERTS | {"mixer.proj.weight"}),
     # its private LoRA goes up under the global name, aligned and integrated on the server
     "fedpia": dict(private=LOCAL, down=GLOBAL, up=GLOBAL),
     "f3ocus": dict(private=set(), down=GLOBAL | {"f3ocus.mask"}, up=GLOBAL | {"f3ocus.scores"}),

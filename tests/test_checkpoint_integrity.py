@@ -326,7 +326,8 @@ def test_a_fedlease_checkpoint_after_clustering_is_checked_in_its_new_layout(tin
     from fedlrm.federation.simulation import Simulation
 
     cfg = load_config(None, overrides(tiny_clip_dir, tiny_dataset, tmp_path / "runs") + [
-        "algorithm=fedlease", "fedlease.warmup_rounds=1", "fedlease.max_clusters=2", "train.rounds=3", "name=lease"])
+        "algorithm=fedlease", "fedlease.warmup_rounds=1", "fedlease.max_clusters=2", "train.rounds=3", "name=lease",
+        "fedlease.variant=weighted"])  # the variant whose clients keep their routers privately
     cut = run_experiment(cfg, progress=False, stop_after_round=2)
     assert any("mixer" in k for k in cut.client_states[0]), "the test needs a client holding its router"
     sim = Simulation(cfg, progress=False)

@@ -157,7 +157,7 @@ class Algorithm:
     def newcomer_trains(self, keys: list[str]) -> list[str]:
         """Of the model's adapter weights `keys`, those a newcomer trains, within what `receive` left
         trainable: by default its private ones (FedLRM's local expert and gate, APFL's local LoRA,
-        FedLEASE's router, Local's and FedPIA's own LoRA), the shared weights staying as the server
+        Local's and FedPIA's own LoRA; FedLEASE names its router itself), the shared weights staying as the server
         sent them; where there are none (FedAvg, FedProx, F3OCUS), the shared ones: a plain local
         fine-tune of the global LoRA. Nothing for a method that does not train."""
         if not self.trains:

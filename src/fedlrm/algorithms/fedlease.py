@@ -4,51 +4,75 @@
    uploads it; the server keeps each client's latest one and sends nothing back.
 2. At the end of warm-up the server clusters the clients on their LoRA B matrices
    (cosine distance per layer, averaged over layers; agglomerative clustering with
-   average linkage on the precomputed distances; k in [2, max_clusters] by silhouette),
-   and starts one expert per cluster from the sample-weighted mean of its members' LoRAs.
+   average linkage on the precomputed distances; k in [2, max_clusters] by silhouette)
+   and starts one expert per cluster.
 3. Then every client receives all M experts and its cluster index, trains its own
-   cluster's expert and its router (`TopMRouter`), and uploads that expert only; the
-   server averages each expert over its cluster's uploads, weighted by samples.
+   cluster's expert and its router (`TopMRouter`), and uploads that expert; the server
+   averages each expert over its cluster's uploads.
 
-Where the issue and docs/DESIGN.md are silent this follows the official code, except as
-noted in the README (routers stay private; sample-weighted rather than plain means).
+`fedlease.variant` says how, in the clustered phase:
+
+- `official` (the default) as the official code (lei-wang-link/FedLEASE) does it: the
+  warm-up LoRA and every expert have rank `fedlease.expert_rank` (4) and alpha
+  `fedlease.expert_alpha` (16) whatever `adapter.rank` says; routers are shared within a
+  cluster (uploaded beside the expert, averaged over the cluster's uploads, sent back to
+  its members; the server keeps them in its record, one per cluster); until a cluster's
+  expert has been averaged once (the first clustered round), a member receives its own
+  warm-up LoRA in its own slot and fresh experts (B = 0) in the others; plain means.
+- `weighted` (fedlrm's FedLEASE before issue 17): experts of `adapter.rank` and
+  `adapter.alpha`; routers private to their client; every member of a cluster starts from
+  the cluster's sample-weighted mean warm-up LoRA; sample-weighted means.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from fedlrm.adapters import AdaptedLinear, TopMRouter, adapted_layers, adapter_parameters, get_state, set_state
-from fedlrm.algorithms.base import Algorithm, ServerState, State, weighted_mean
+from fedlrm.adapters import (AdaptedLinear, LoRAExpert, TopMRouter, adapted_layers, adapter_parameters, get_state,
+                             set_state)
+from fedlrm.algorithms.base import Algorithm, ServerState, State, Upload, weighted_mean
 from fedlrm.algorithms.registry import register
-from fedlrm.config import at_least_one
+from fedlrm.config import at_least_one, finite_positive, one_of
 from fedlrm.errors import ConfigError
+from fedlrm.seeding import derive_seed
 
 EXPERT = re.compile(r"\.experts\.e(\d+)\.")
 LOCAL = ".experts.local."
+ROUTER = ".mixer."  # a router's weights: <layer>.mixer.proj.weight
 CLUSTER = "fedlease.cluster"  # the one non-weight entry of a client's message
+VARIANTS = ("official", "weighted")
 
 
 @dataclass
 class FedLEASESettings:
     warmup_rounds: int = 5  # rounds of purely local LoRA before clustering (official code: 5)
     max_clusters: int = 4  # k is chosen by silhouette in [2, max_clusters] (official code: 4)
+    # official: as the official code (shared routers, plain means, own warm-up LoRA in its slot, rank-4
+    # experts); weighted: fedlrm's before issue 17 (private routers, sample-weighted means, adapter.rank)
+    variant: str = "official"
+    expert_rank: int = 4  # official variant: rank of the warm-up LoRA and of every expert (official code: 4)
+    expert_alpha: float = 16.0  # official variant: their alpha (official code: 16)
 
 
 @dataclass
 class Clustering:
-    """The server's record: warm-up LoRAs until it clusters, then who belongs where and why."""
+    """The server's record: warm-up LoRAs, then who belongs where and why, and the clusters' routers."""
 
     examples: torch.Tensor  # (clients,) training examples behind each client's latest warm-up LoRA; 0: none yet
-    warmup: dict[int, State] = field(default_factory=dict)  # client -> its latest warm-up LoRA, until clustering
+    #: client -> its latest warm-up LoRA: until clustering (weighted); official: until its cluster's
+    #: expert is first averaged, as the client receives it in its own slot until then
+    warmup: dict[int, State] = field(default_factory=dict)
     assignment: torch.Tensor | None = None  # (clients,) cluster of each client, once clustered
     distances: torch.Tensor | None = None  # (clients, clients) LoRA-B distances; NaN for clients never seen
     silhouette: list[tuple[int, float]] = field(default_factory=list)  # (k, silhouette score) of each candidate
+    #: official variant: cluster -> its router, the plain mean over the cluster's latest uploads
+    #: (a cluster that has not trained yet has none: its members start from fresh routers)
+    routers: dict[int, State] = field(default_factory=dict)
 
 
 @register
@@ -63,6 +87,9 @@ class FedLEASE(Algorithm):
     @classmethod
     def check(cls, settings, cfg):
         at_least_one("fedlease.warmup_rounds", settings.warmup_rounds)
+        one_of("fedlease.variant", settings.variant, VARIANTS)
+        at_least_one("fedlease.expert_rank", settings.expert_rank)
+        finite_positive("fedlease.expert_alpha", settings.expert_alpha)
         # Only for a FedLEASE run: the other methods' runs carry this section with its defaults.
         if cfg.algorithm == cls.name and settings.warmup_rounds >= cfg.train.rounds:
             raise ConfigError(f"fedlease.warmup_rounds={settings.warmup_rounds} leaves no clustered round in "
@@ -71,20 +98,32 @@ class FedLEASE(Algorithm):
         if settings.max_clusters < 2:
             raise ConfigError(f"fedlease.max_clusters must be at least 2, got {settings.max_clusters}")
 
+    @property
+    def official(self) -> bool:
+        return self.settings.variant == "official"
+
     # ----- model ------------------------------------------------------------------------
     def layout_of(self, message: State) -> int:
         """The number of cluster experts; 0 is the warm-up layout, one local LoRA."""
         return len({int(m.group(1)) for k in message if (m := EXPERT.search(k))})
 
     def make_layer(self, linear, layout: int):
-        rank = self.cfg.adapter.rank
         if not layout:
-            return AdaptedLinear(linear, {"local": self.expert(linear, rank)})
-        experts = {f"e{j}": self.expert(linear, rank) for j in range(layout)}
+            return AdaptedLinear(linear, {"local": self.lora(linear)})
+        experts = {f"e{j}": self.lora(linear) for j in range(layout)}
         return AdaptedLinear(linear, experts, TopMRouter(linear.in_features, layout))
 
+    def lora(self, linear) -> LoRAExpert:
+        """A warm-up LoRA or a cluster expert: of fedlease.expert_rank and expert_alpha (official),
+        else of adapter.rank and adapter.alpha."""
+        if not self.official:
+            return self.expert(linear, self.cfg.adapter.rank)
+        s = self.settings
+        return LoRAExpert(linear.in_features, linear.out_features, s.expert_rank, s.expert_alpha,
+                          self.cfg.adapter.dropout)
+
     def is_shared(self, key: str) -> bool:
-        return EXPERT.search(key) is not None
+        return EXPERT.search(key) is not None or (self.official and ROUTER in key)
 
     def private_init_key(self, client_id: int) -> object:
         # Warm-up LoRAs start alike, so that their B matrices differ by what the data taught
@@ -93,20 +132,42 @@ class FedLEASE(Algorithm):
 
     # ----- messages and client side -----------------------------------------------------
     def message_for(self, state: ServerState, client_id: int, server_round: int) -> State:
-        message = super().message_for(state, client_id, server_round)
-        if state.record.assignment is not None:
-            message[CLUSTER] = state.record.assignment[client_id].clone()
+        message = dict(state.weights)
+        record = state.record
+        if record.assignment is None:
+            return message
+        own = int(record.assignment[client_id])
+        if self.official:
+            warm = record.warmup.get(client_id)  # kept while its cluster has not trained
+            if warm is not None:
+                message.update({k.replace(LOCAL, f".experts.e{own}."): v for k, v in warm.items()})
+            message.update(self.router_of(state, own, client_id))
+        message[CLUSTER] = torch.tensor(own)
         return message
+
+    def router_of(self, state: ServerState, cluster: int, who: object) -> State:
+        """Official variant: the router a member of `cluster` receives, the cluster's, or while the
+        cluster has none, a fresh one drawn from (run seed, `who`) as the official code's clients
+        start theirs."""
+        if cluster in state.record.routers:
+            return dict(state.record.routers[cluster])
+        return fresh_routers(state.weights, derive_seed(self.cfg.seed, "fedlease", "router", who))
 
     def newcomer_message(self, state: ServerState, server_round: int) -> State:
         """All cluster experts, and as the newcomer's cluster the largest one (the lowest index among
         equals): the rule clustering applies to clients it has no warm-up LoRA of, as the server has
-        none of a newcomer. It then trains its router (the default `newcomer_trains`), the experts
-        staying as the server holds them."""
+        none of a newcomer; in the official variant that cluster's router too. It then trains its
+        router (`newcomer_trains`), the experts staying as the server holds them."""
         message = dict(state.weights)
         if state.record.assignment is not None:
-            message[CLUSTER] = torch.bincount(state.record.assignment).argmax()
+            own = int(torch.bincount(state.record.assignment).argmax())
+            if self.official:
+                message.update(self.router_of(state, own, "newcomer"))
+            message[CLUSTER] = torch.tensor(own)
         return message
+
+    def newcomer_trains(self, keys: list[str]) -> list[str]:
+        return [k for k in keys if ROUTER in k] or super().newcomer_trains(keys)
 
     def receive(self, model, ctx) -> None:
         set_state(model, {k: v for k, v in ctx.received.items() if k != CLUSTER})
@@ -122,7 +183,8 @@ class FedLEASE(Algorithm):
         if CLUSTER not in ctx.received:  # warm-up: the local LoRA, for clustering
             return get_state(model, [k for k in adapter_parameters(model) if LOCAL in k])
         mark = f".experts.e{int(ctx.received[CLUSTER])}."
-        return get_state(model, [k for k in shared_keys if mark in k])
+        # official: the router too (shared keys hold routers only then)
+        return get_state(model, [k for k in shared_keys if mark in k or ROUTER in k])
 
     # ----- server side ------------------------------------------------------------------
     def init_server(self, weights: State) -> ServerState:
@@ -131,7 +193,9 @@ class FedLEASE(Algorithm):
     def aggregate(self, state: ServerState, uploads, server_round: int) -> ServerState:
         record = state.record
         if record.assignment is not None:  # each expert over the uploads of its cluster
-            return ServerState({**state.weights, **weighted_mean(uploads)}, record)
+            if not self.official:
+                return ServerState({**state.weights, **weighted_mean(uploads)}, record)
+            return self.aggregate_clusters(state, uploads)
         examples = record.examples.clone()
         warmup = dict(record.warmup)
         for u in uploads:
@@ -143,8 +207,24 @@ class FedLEASE(Algorithm):
         experts, record = self.start_clusters(record)
         return ServerState({**state.weights, **experts}, record)
 
+    def aggregate_clusters(self, state: ServerState, uploads) -> ServerState:
+        """Official variant: expert j and cluster j's router become the plain means over cluster j's
+        uploads; its members' warm-up LoRAs are then done with."""
+        record = state.record
+        assignment = record.assignment.tolist()
+        weights, routers, warmup = dict(state.weights), dict(record.routers), dict(record.warmup)
+        for j in sorted({assignment[u.client_id] for u in uploads}):
+            mean = plain_mean([u.state for u in uploads if assignment[u.client_id] == j])
+            weights.update({k: v for k, v in mean.items() if ROUTER not in k})
+            routers[j] = {k: v for k, v in mean.items() if ROUTER in k}
+            for c in [c for c in warmup if assignment[c] == j]:
+                del warmup[c]
+        return ServerState(weights, replace(record, warmup=warmup, routers=routers))
+
     def start_clusters(self, record: Clustering) -> tuple[State, Clustering]:
-        """Cluster the clients on their warm-up LoRAs and start one expert per cluster."""
+        """Cluster the clients on their warm-up LoRAs and start one expert per cluster: fresh ones
+        (official; members receive their own warm-up LoRA in their slot), or the sample-weighted
+        mean of each cluster's warm-up LoRAs (weighted)."""
         n = self.cfg.data.training_clients  # new clients are none of the server's (data.new_clients)
         loras = record.warmup
         seen = sorted(loras)
@@ -157,6 +237,10 @@ class FedLEASE(Algorithm):
             assignment[[c for c in range(n) if c not in seen]] = np.bincount(labels).argmax()
         experts = {}
         for j in range(int(labels.max()) + 1):
+            if self.official:
+                seed = derive_seed(self.cfg.seed, "fedlease", "fresh expert", j)
+                experts.update(fresh_experts(loras[seen[0]], j, seed, self.settings.expert_alpha))
+                continue
             members = [c for c in seen if assignment[c] == j]
             weights = torch.tensor([float(record.examples[c]) for c in members], dtype=torch.float64)
             weights /= weights.sum()
@@ -165,15 +249,19 @@ class FedLEASE(Algorithm):
                 experts[key.replace(LOCAL, f".experts.e{j}.")] = mean.to(loras[seen[0]][key].dtype)
         full = np.full((n, n), np.nan)
         full[np.ix_(seen, seen)] = distances
-        # The warm-up LoRAs have served their purpose; the record keeps what explains the clusters.
-        return experts, Clustering(record.examples, {}, torch.from_numpy(assignment), torch.from_numpy(full),
+        # weighted: the warm-up LoRAs have served their purpose; the record keeps what explains the clusters
+        warmup = dict(loras) if self.official else {}
+        return experts, Clustering(record.examples, warmup, torch.from_numpy(assignment), torch.from_numpy(full),
                                    [(int(k), float(s)) for k, s in candidates])
 
     def example_message(self, state: ServerState, private: State, client_id: int) -> State:
-        """After clustering: one expert per cluster (here the client's warm-up LoRA, as the server
-        starts them from members' LoRAs) and the client's cluster."""
+        """After clustering: one expert per cluster (here the client's warm-up LoRA, as the client
+        receives it in its own slot, or as the weighted variant starts experts from members' LoRAs),
+        the client's cluster and, official, fresh routers."""
         message = {k.replace(LOCAL, f".experts.e{j}."): v.clone() for j in range(self.settings.max_clusters)
                    for k, v in private.items() if LOCAL in k}
+        if self.official:
+            message.update(fresh_routers(message, derive_seed(self.cfg.seed, "fedlease", "router", client_id)))
         message[CLUSTER] = torch.tensor(0)
         return message
 
@@ -189,6 +277,7 @@ class FedLEASE(Algorithm):
         distances = record.distances.numpy()
         assignment = record.assignment.tolist()
         record_json = {
+            "variant": self.settings.variant,
             "chosen_k": int(max(assignment)) + 1,
             "silhouette_by_k": {int(k): s for k, s in record.silhouette},
             "cluster_of_client": {c: a for c, a in enumerate(assignment)},
@@ -197,6 +286,45 @@ class FedLEASE(Algorithm):
         }
         (run_dir / "clustering.json").write_text(json.dumps(record_json, indent=2))
         plot_clustering(run_dir / "clustering.png", distances, assignment, record.silhouette)
+
+
+def plain_mean(states: list[State]) -> State:
+    """The unweighted mean of each key over the states that hold it."""
+    return weighted_mean([Upload(-1, s, 1.0) for s in states])
+
+
+def layer_shapes(state: State) -> dict[str, tuple[int, int, int]]:
+    """(d_in, d_out, rank) of each adapted layer that `state` holds a LoRA of (any expert's A and B)."""
+    a = {k.split(".experts.")[0]: v.shape for k, v in state.items() if ".experts." in k and k.endswith(".A")}
+    b = {k.split(".experts.")[0]: v.shape for k, v in state.items() if ".experts." in k and k.endswith(".B")}
+    return {layer: (a[layer][1], b[layer][0], a[layer][0]) for layer in sorted(a)}
+
+
+def fresh_experts(lora: State, cluster: int, seed: int, alpha: float) -> State:
+    """Expert `cluster` freshly initialised as a LoRA is (random A, B = 0), shaped as the warm-up LoRA
+    `lora`, from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, (d_in, d_out, rank) in layer_shapes(lora).items():
+        expert = LoRAExpert(d_in, d_out, rank, alpha)
+        expert.reset_parameters(generator)
+        dtype = lora[f"{layer}{LOCAL}A"].dtype
+        out[f"{layer}.experts.e{cluster}.A"] = expert.A.detach().to(dtype)
+        out[f"{layer}.experts.e{cluster}.B"] = expert.B.detach().to(dtype)
+    return out
+
+
+def fresh_routers(experts: State, seed: int) -> State:
+    """A freshly initialised router for every layer that `experts` (cluster experts e0..e{M-1}) adapt,
+    over those M experts, from `seed`."""
+    n_experts = len({int(m.group(1)) for k in experts if (m := EXPERT.search(k))})
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, (d_in, _, _) in layer_shapes(experts).items():
+        router = TopMRouter(d_in, n_experts)
+        router.reset_parameters(generator)
+        out[f"{layer}.mixer.proj.weight"] = router.proj.weight.detach()
+    return out
 
 
 def cluster_clients(features: list[list[torch.Tensor]], max_clusters: int):
