@@ -90,3 +90,41 @@ def test_flower_command_refuses_a_bad_config_before_starting_any_process(capsys,
     assert main(["flower", "--work-dir", str(work), "train.roundz=3"]) == 2
     assert "unknown config key 'train.roundz'" in capsys.readouterr().err
     assert not work.exists()
+
+
+def test_compare_runs_an_algorithm_with_its_own_settings_as_its_own_entry(capsys, tiny_overrides, tmp_path):
+    import yaml
+
+    quick = ["train.rounds=2", "fedlease.warmup_rounds=1", "fedlease.max_clusters=2"]
+    code, out, _ = run_cli(capsys, "compare", "--no-progress", "--algorithms", "fedlease,fedlease+variant=weighted",
+                           *tiny_overrides, *quick, "name=variants")
+    assert code == 0
+    d = tmp_path / "runs" / "variants"
+    assert "| fedlease+variant=weighted |" in (d / "compare.md").read_text()
+    variants = {entry: yaml.safe_load((d / entry / "config.yaml").read_text())["fedlease"]["variant"]
+                for entry in ("fedlease", "fedlease+variant=weighted")}
+    assert variants == {"fedlease": "official", "fedlease+variant=weighted": "weighted"}
+    rows = {row.split(",")[0] for row in (d / "compare.csv").read_text().splitlines()[1:]}
+    assert rows == {"fedlease", "fedlease+variant=weighted"}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("fedlease+variant", "not of the form key=value"),
+    ("fedlease+colour=red", "the keys of fedlease"),
+    ("fedleese", "unknown algorithm 'fedleese'"),
+    ("fedlease+variant=heavy", "fedlease.variant"),
+])
+def test_a_bad_compare_entry_is_refused_before_anything_runs(capsys, tiny_overrides, tmp_path, entry, message):
+    code, _, err = run_cli(capsys, "compare", "--no-progress", "--algorithms", f"zeroshot,{entry}",
+                           *tiny_overrides, "name=bad")
+    assert code == 2 and message in err
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_compare_runs_fedleases_earlier_variant_by_default():
+    from fedlrm.algorithms import ALGORITHMS, compare_entries
+
+    entries = compare_entries()
+    assert entries[:len(ALGORITHMS) + 1].count("fedlease+variant=weighted") == 1
+    assert entries.index("fedlease+variant=weighted") == entries.index("fedlease") + 1
+    assert set(ALGORITHMS) <= set(entries)

@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="run several algorithms on the identical split and seed")
     _config_args(cmp)
-    from fedlrm.algorithms import ALGORITHMS
+    from fedlrm.algorithms import compare_entries
 
-    every = ",".join(ALGORITHMS)
-    cmp.add_argument("--algorithms", default=every, help=f"comma-separated (default: all, {every})")
+    every = ",".join(compare_entries())
+    cmp.add_argument("--algorithms", default=every,
+                     help=f"comma-separated; an entry may set the algorithm's own settings, ALGORITHM+key=value "
+                          f"(e.g. fedlease+variant=weighted) (default: every algorithm and variant, {every})")
     cmp.set_defaults(func=cmd_compare)
 
     flower = sub.add_parser("flower", help="run on Flower on 127.0.0.1: a SuperLink and one SuperNode per client "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -127,18 +127,43 @@ def exported_clients(sim: Simulation, result: RunResult) -> list[int]:
     return selection
 
 
+def compare_entry(cfg: RunConfig, entry: str) -> RunConfig:
+    """The run config of one entry of a compare: an algorithm's name, optionally followed by settings
+    of its own section, `+key=value` each (`fedlease+variant=weighted`: FedLEASE's other variant)."""
+    algorithm, *settings = entry.split("+")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algorithm!r} in {entry!r}; choose from {', '.join(ALGORITHMS)}")
+    if not settings:
+        return replace(cfg, algorithm=algorithm)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [item for item in settings if "=" not in item or not item.partition("=")[0].strip()]
+    if bad:
+        raise ConfigError(f"{entry!r}: {', '.join(map(repr, bad))} is not of the form key=value; write an entry "
+                          f"as ALGORITHM+key=value, e.g. fedlease+variant=weighted")
+    try:
+        own = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.methods[algorithm]),
+                                                  OmegaConf.from_dotlist(settings)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{entry!r}: {str(err).splitlines()[0]} (the keys of {algorithm}: "
+                          f"{', '.join(f.name for f in fields(cfg.methods[algorithm])) or 'none'})") from None
+    return replace(cfg, algorithm=algorithm, methods={**cfg.methods, algorithm: own})
+
+
 def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,
             console: Console | None = None) -> tuple[Path, list[dict]]:
-    """Every algorithm on the identical split and seed; one table, one bar chart."""
-    unknown = [a for a in algorithms if a not in ALGORITHMS]
-    if unknown:
-        raise ConfigError(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(ALGORITHMS)}")
+    """Every algorithm on the identical split and seed; one table, one bar chart. An entry may give
+    settings of the algorithm's own section (`fedlease+variant=weighted`): it is labelled as written."""
     if not algorithms:
         raise ConfigError("give at least one algorithm to compare")
+    if len(set(algorithms)) != len(algorithms):
+        raise ConfigError(f"--algorithms names an entry twice: {', '.join(algorithms)}")
+    entries = {entry: compare_entry(cfg, entry) for entry in algorithms}
     # Each method's own checks (e.g. fedlease.warmup_rounds < train.rounds) and the folder, before
     # anything loads or is written: a bad setting must not surface after the first methods ran.
-    for algorithm in algorithms:
-        check(replace(cfg, algorithm=algorithm))
+    for entry_cfg in entries.values():
+        check(entry_cfg)
     name = cfg.name or f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     check_run_dir(replace(cfg, name=name))
     # One data load for all: the same clients, images and test sets for every method.
@@ -146,7 +171,7 @@ def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,
     out = new_run_dir(replace(cfg, name=name))
     summaries, runs = [], {}
     for i, algorithm in enumerate(algorithms, 1):
-        run_cfg = replace(cfg, algorithm=algorithm, name=None)
+        run_cfg = replace(entries[algorithm], name=None)
         log.info("[%d/%d] %s: started (%s)", i, len(algorithms), algorithm, out / algorithm)
         start = time.perf_counter()
         result = run_experiment(run_cfg, data=data, run_dir=out / algorithm, progress=progress)

@@ -10,8 +10,8 @@ import pkgutil
 
 from fedlrm.algorithms.base import (Algorithm, ClientRound, NoSettings, Schema, ServerState, State, Upload,
                                     weighted_mean)
-from fedlrm.algorithms.registry import (ALGORITHMS, check, config_from_dict, get_algorithm, load_config,
-                                        register, unregister)
+from fedlrm.algorithms.registry import (ALGORITHMS, check, compare_entries, config_from_dict, get_algorithm,
+                                        load_config, register, unregister)
 
 _CONTRACT = {"base", "registry"}
 _PAPER_ORDER = ("zeroshot", "local", "fedavg", "fedprox", "apfl", "fedlrm", "fedlease", "fedpia", "f3ocus")
@@ -27,4 +27,4 @@ def _discover() -> None:
 _discover()
 
 __all__ = ["ALGORITHMS", "Algorithm", "ClientRound", "NoSettings", "Schema", "ServerState", "State", "Upload",
-           "check", "config_from_dict", "get_algorithm", "load_config", "register", "unregister", "weighted_mean"]
+           "check", "compare_entries", "config_from_dict", "get_algorithm", "load_config", "register", "unregister", "weighted_mean"]

@@ -98,6 +98,9 @@ class Algorithm:
     has_global_model: ClassVar[bool] = True
     #: whether `aggregate` needs only the sample-weighted mean of the uploads (secure aggregation works)
     aggregates_by_mean: ClassVar[bool] = True
+    #: other settings of its own that `fedlrm compare` runs by default beside the defaults, each as
+    #: `key=value[+key=value]` (its entry is then `<name>+key=value`), e.g. a variant worth comparing
+    compare_variants: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

@@ -78,6 +78,7 @@ class Clustering:
 @register
 class FedLEASE(Algorithm):
     name = "fedlease"
+    compare_variants = ("variant=weighted",)  # compare shows the official code's variant and fedlrm's earlier one
     Settings = FedLEASESettings
     Record = Clustering
     quick_settings = {"warmup_rounds": 1, "max_clusters": 3}

@@ -125,3 +125,10 @@ def check_defences(cfg: RunConfig, sampled: int) -> None:
 
 def get_algorithm(cfg: RunConfig) -> Algorithm:
     return ALGORITHMS[cfg.algorithm](cfg)
+
+
+def compare_entries() -> list[str]:
+    """What `fedlrm compare` runs by default: every algorithm, each followed by the variants of its
+    own settings it names (`Algorithm.compare_variants`), as `<name>+key=value`."""
+    return [entry for name, cls in ALGORITHMS.items()
+            for entry in (name, *(f"{name}+{variant}" for variant in cls.compare_variants))]

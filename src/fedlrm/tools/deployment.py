@@ -854,10 +854,14 @@ class LocalDeployment:
     def _stop_component(self, name: str | None, sig: int) -> None:
         pids = self._component_pids(name)
         signal_pids(pids, sig)
+        # every process signalled, until it is gone: one that is exiting has already lost the environment
+        # that tags it (its memory goes first), so the tagged search no longer finds it while it still runs
+        signalled = set(pids)
         deadline = time.monotonic() + (self.kill_grace if sig != signal.SIGKILL else 5.0)
         while True:
             self._reap(name)
-            pids = self._component_pids(name)
+            pids = self._component_pids(name) | {p for p in signalled if pid_alive(p)}
+            signalled |= pids
             if not pids:
                 break
             if time.monotonic() >= deadline:
