@@ -50,6 +50,8 @@ CONTRACT = {
     # its private LoRA goes up under the global name, aligned and integrated on the server
     "fedpia": dict(private=LOCAL, down=GLOBAL, up=GLOBAL),
     "f3ocus": dict(private=set(), down=GLOBAL | {"f3ocus.mask"}, up=GLOBAL | {"f3ocus.scores"}),
+    # CoOp's context vectors, averaged by the server; no LoRA anywhere
+    "promptfl": dict(private=set(), down={"experts.global.ctx"}, up={"experts.global.ctx"}),
 }
 
 

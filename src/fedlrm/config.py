@@ -43,6 +43,9 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Only blocks with these indices are adapted (negative: from the top, -1 the last); empty: every block.
     target_layers: list[int] = field(default_factory=list)
+    # The encoders whose target_modules carry the method's adapters: [image] (the FedLRM paper's), or
+    # [image, text]: the text encoder's too, and class text features are then computed in every step.
+    adapt_encoders: list[str] = field(default_factory=lambda: ["image"])
 
     def check(self) -> None:
         one_of("model.backend", self.backend, ("hf", "open_clip"))
@@ -50,6 +53,10 @@ class ModelConfig:
         if not self.target_modules:
             raise ConfigError("model.target_modules is empty: name the linear layers that carry adapters "
                               "(e.g. [q_proj, v_proj])")
+        unknown = [e for e in self.adapt_encoders if e not in ("image", "text")]
+        if unknown or not self.adapt_encoders or len(set(self.adapt_encoders)) != len(self.adapt_encoders):
+            raise ConfigError(f"model.adapt_encoders={list(self.adapt_encoders)} must name image and/or text, "
+                              f"each once (e.g. [image] or [image, text])")
         if len(set(self.target_layers)) != len(self.target_layers):
             raise ConfigError(f"model.target_layers={list(self.target_layers)} names a block twice")
 

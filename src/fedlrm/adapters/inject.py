@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedlrm.adapters.layers import AdaptedLinear, adapted_layers
+from fedlrm.adapters.prompts import prompt_contexts
 from fedlrm.errors import ModelError
 
 BLOCK_INDEX = re.compile(r"(?:layers|resblocks|blocks|layer|h)\.(\d+)\.")
@@ -34,11 +35,16 @@ def inject_adapters(
             + (f" in blocks {block_indices(target_layers, encoder_depth(root))}" if target_layers else "")
             + f"; its linear layers end with: {', '.join(suffixes) or '(none)'}"
         )
+    adapted = []
     for name, module in chosen:
+        layer = make(module)
+        if layer is None:  # the method leaves this layer as it is (e.g. prompt learning adapts no linear)
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, make(module))
-    return [name for name, _ in chosen]
+        setattr(parent, child, layer)
+        adapted.append(name)
+    return adapted
 
 
 def _linears(root: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -85,12 +91,15 @@ def strip_adapters(root: nn.Module) -> int:
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """All adapter parameters (experts and gates) by their name in `model`."""
+    """All adapter parameters (experts and gates, prompt context vectors) by their name in `model`."""
     params = {}
     for layer_name, layer in adapted_layers(model):
         for pname, p in layer.named_parameters():
             if not pname.startswith("base."):
                 params[f"{layer_name}.{pname}"] = p
+    for context_name, context in prompt_contexts(model):
+        for pname, p in context.named_parameters():
+            params[f"{context_name}.{pname}"] = p
     return params
 
 
@@ -119,6 +128,8 @@ def reset_adapters(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _, layer in adapted_layers(model):
         layer.reset_parameters(generator)
+    for _, context in prompt_contexts(model):  # after the layers: their draws stay what they were
+        context.reset_parameters(generator)
 
 
 def adapted_weight_count(model: nn.Module) -> int:

@@ -120,6 +120,11 @@ class Algorithm:
         """The adapted replacement of one target layer in `layout`, or None to leave it as it is."""
         raise NotImplementedError
 
+    def make_prompt(self, width: int, layout: Hashable) -> nn.Module | None:
+        """The learnable prompt context (`fedlrm.adapters.PromptContext`) the client trains on the text
+        side, for token embeddings of `width`; None (the default): the configured prompt, fixed."""
+        return None
+
     def layout_of(self, message: State) -> Hashable:
         """The adapter layout a client needs for a message from the server (constant by default)."""
         return None

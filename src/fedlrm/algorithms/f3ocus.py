@@ -281,6 +281,9 @@ class F3OCUS(Algorithm):
 
     @classmethod
     def check(cls, settings, cfg):
+        if cfg.algorithm == cls.name and "text" in cfg.model.adapt_encoders:
+            raise ConfigError("f3ocus selects image-encoder blocks or layers for each client; it does not adapt "
+                              "the text encoder: use model.adapt_encoders=[image] with f3ocus")
         one_of("f3ocus.optimizer", settings.optimizer, OPTIMIZERS)
         one_of("f3ocus.unit", settings.unit, UNITS)
         one_of("f3ocus.budget_distribution", settings.budget_distribution, ("none", "uniform"))

@@ -58,7 +58,9 @@ def save_personalized(folder: Path, model, cfg, class_names: list[str], client_i
     for name in _ALL_FILES:  # a folder written before (a resumed run) must not keep files of the other format
         (folder / name).unlink(missing_ok=True)
     layers = [(n, layer) for n, layer in adapted_layers(model) if layer.experts]
-    single = (cfg.model.backend == "hf" and bool(layers)
+    # peft's format holds image-tower LoRA; a text side that trains (text LoRA, a prompt context) is
+    # saved in fedlrm's own format, which rebuilds the model through its algorithm
+    single = (cfg.model.backend == "hf" and bool(layers) and not getattr(model, "text_trains", False)
               and all(len(layer.experts) == 1 and layer.mixer is None for _, layer in layers))
     base = base_model_record(cfg.model, folder)
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("data", "train", "output_dir", "name")}

@@ -74,7 +74,10 @@ def read_run_config(run_dir: Path) -> RunConfig:
         cfg = load_config(path)
         written = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except ConfigError as err:
-        raise ConfigError(f"{err}; this is the configuration of the run in {run_dir}: {hint}") from None
+        cut = _without_empty_sections(path)  # a file cut right after a section's name: report what it lacks
+        if cut is None:
+            raise ConfigError(f"{err}; this is the configuration of the run in {run_dir}: {hint}") from None
+        cfg, written = cut
     have = config_leaves(written if isinstance(written, dict) else {})
     missing = [k for k in config_leaves(to_dict(cfg)) if k not in have]
     if not have:
@@ -94,3 +97,28 @@ def config_leaves(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _without_empty_sections(path: Path):
+    """(config, written) of a config file whose empty sections (`data:` with nothing under it, as a
+    file cut short leaves) are dropped, or None if the file has none or still does not load."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from fedlrm.algorithms import load_config
+
+    try:
+        written = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # noqa: BLE001 - not YAML: the loader's own message says so
+        return None
+    if not isinstance(written, dict) or all(v is not None for v in written.values()):
+        return None
+    kept = {k: v for k, v in written.items() if v is not None}
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / path.name
+        copy.write_text(OmegaConf.to_yaml(OmegaConf.create(kept)))
+        try:
+            return load_config(copy), kept
+        except ConfigError:
+            return None

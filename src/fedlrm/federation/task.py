@@ -75,11 +75,20 @@ def adapt(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, layout: obj
     """(Re)place the algorithm's adapters of `layout` on the target layers."""
     model = bundle.model
     strip_adapters(model.image_encoder)
+    if model.text_encoder is not None:
+        strip_adapters(model.text_encoder)
     bundle.adapted_modules = []
     if algorithm.trains:
-        bundle.adapted_modules = inject_adapters(model.image_encoder, cfg.model.target_modules,
-                                                 lambda linear: algorithm.make_layer(linear, layout),
-                                                 cfg.model.target_layers)
+        encoders = cfg.model.adapt_encoders
+        if "image" in encoders:
+            bundle.adapted_modules = inject_adapters(model.image_encoder, cfg.model.target_modules,
+                                                     lambda linear: algorithm.make_layer(linear, layout),
+                                                     cfg.model.target_layers)
+        context = algorithm.make_prompt(model.backbone.text_width(), layout)
+        model.live_text("text" in encoders, context)
+        if "text" in encoders:  # the same modules (q, v) in every text block
+            inject_adapters(model.text_encoder[0], cfg.model.target_modules,
+                            lambda linear: algorithm.make_layer(linear, layout))
         model.to(model.text_features.device)
     keys = list(adapter_parameters(model))
     bundle.shared_keys = [k for k in keys if algorithm.is_shared(k)]

@@ -34,6 +34,20 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_text(prompts)
+
+    def encode_text(self, prompts: list[str], context: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised text features of `prompts`, differentiable (for a text side that trains). With
+        `context` (n_ctx, width), its vectors replace the token embeddings of the n_ctx words after
+        the start token (CoOp's learnable context; see `fedlrm.adapters.prompts`)."""
+        raise NotImplementedError
+
+    def text_tower(self) -> list[nn.Module]:
+        """The text encoder's modules: the first carries the linear layers a text-side LoRA adapts."""
+        raise NotImplementedError
+
+    def text_width(self) -> int:
+        """The width of the text encoder's token embeddings (of a prompt context vector)."""
         raise NotImplementedError
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -136,12 +150,20 @@ class HFClipBackbone(Backbone):
             self.image_encoder.activation_checkpointing_disable()
         return True
 
-    @torch.no_grad()
-    def text_features(self, prompts):
+    def encode_text(self, prompts, context=None):
         text_model, projection = self._text
         tokens = self._tokenizer(prompts, padding=True, return_tensors="pt")
-        pooled = text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        device = projection.weight.device
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        with _context_in(text_model.embeddings.token_embedding, ids, context, self._tokenizer):
+            pooled = text_model(input_ids=ids, attention_mask=mask).pooler_output
         return F.normalize(projection(pooled), dim=-1)
+
+    def text_tower(self):
+        return list(self._text)
+
+    def text_width(self):
+        return self._text[0].embeddings.token_embedding.embedding_dim
 
     def preprocess(self, images):
         return self._processor(images=images, return_tensors="pt")["pixel_values"].float()
@@ -183,9 +205,17 @@ class OpenClipBackbone(Backbone):
         self.image_encoder.set_grad_checkpointing(enabled)
         return True
 
-    @torch.no_grad()
-    def text_features(self, prompts):
-        return F.normalize(self._text.encode_text(self._tokenizer(prompts)), dim=-1)
+    def encode_text(self, prompts, context=None):
+        ids = self._tokenizer(prompts).to(self.logit_scale.device)
+        with _context_in(self._text.token_embedding, ids, context, None):
+            return F.normalize(self._text.encode_text(ids), dim=-1)
+
+    def text_tower(self):
+        raise ModelError("LoRA on the text encoder (model.adapt_encoders with text) needs model.backend=hf: "
+                         "open_clip's text attention has no separate q/v projections to adapt")
+
+    def text_width(self):
+        return self._text.token_embedding.embedding_dim
 
     def preprocess(self, images):
         return torch.stack([self._transform(im) for im in images])
@@ -196,6 +226,35 @@ class OpenClipBackbone(Backbone):
     def text_pooling_hint(self):
         return ("open_clip pools each prompt at its end-of-text token; check that model.name and "
                 "model.pretrained belong together and that the tokenizer is the model's")
+
+
+@contextmanager
+def _context_in(embedding: nn.Embedding, ids: torch.Tensor, context: torch.Tensor | None,
+                tokenizer) -> Iterator[None]:
+    """Within the block, the embedding's output at positions 1..n_ctx is `context` (for every prompt):
+    the prompts must hold n_ctx placeholder words right after the start token, each one token."""
+    if context is None:
+        yield
+        return
+    n = context.shape[0]
+    placeholders = ids[:, 1:1 + n]
+    if ids.shape[1] < n + 2 or not bool((placeholders == placeholders[:1, :1]).all()):
+        from fedlrm.adapters.prompts import PLACEHOLDER
+
+        raise ModelError(f"the prompts do not start with {n} placeholder tokens (the word {PLACEHOLDER!r} "
+                         f"{n} times) after the start token, so the {n} context vectors have no positions "
+                         f"to take; the tokenizer splits {PLACEHOLDER!r} into several tokens or drops it")
+
+    def put(module, inputs, output):
+        out = output.clone()
+        out[:, 1:1 + n] = context.to(out.dtype)
+        return out
+
+    handle = embedding.register_forward_hook(put)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def resolve_name(name: str) -> str:
@@ -276,10 +335,34 @@ class ClipClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.class_names = list(class_names)
+        self.prompt = prompt
         prompts = [prompt.format(c) for c in class_names]
         self.register_buffer("text_features", backbone.text_features(prompts))
         check_text_features(backbone, self.class_names, prompts, self.text_features)
         self._classes: torch.Tensor | None = None  # rows of text_features in the logits; None: all
+        # A text side that trains (text-encoder LoRA, a prompt context): class features are computed
+        # in every forward pass from the current weights instead of read from the buffer above.
+        self.text_encoder: nn.ModuleList | None = None
+        self.prompt_context = None
+
+    def live_text(self, tower: bool, context: nn.Module | None) -> None:
+        """Compute class text features in every forward pass: with the text tower in this module (so
+        adapters on it train and move with the model) and/or a prompt context; neither: cached."""
+        self.text_encoder = nn.ModuleList(self.backbone.text_tower()) if tower or context is not None else None
+        self.prompt_context = context
+
+    @property
+    def text_trains(self) -> bool:
+        return self.text_encoder is not None
+
+    def class_text_features(self) -> torch.Tensor:
+        """The text features of the classes the logits are over (see `classifying_over`)."""
+        if not self.text_trains:
+            return self.text_features if self._classes is None else self.text_features[self._classes]
+        names = self.class_names if self._classes is None else [self.class_names[i] for i in self._classes.tolist()]
+        context = self.prompt_context
+        prompts = [context.template(n) if context is not None else self.prompt.format(n) for n in names]
+        return self.backbone.encode_text(prompts, None if context is None else context.vectors())
 
     @contextmanager
     def classifying_over(self, classes: list[int] | None) -> Iterator[None]:
@@ -305,8 +388,7 @@ class ClipClassifier(nn.Module):
         return self.logits(self.backbone.features_from(hidden, start))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        text = self.text_features if self._classes is None else self.text_features[self._classes]
-        return self.backbone.logit_scale * features @ text.t()
+        return self.backbone.logit_scale * features @ self.class_text_features().t()
 
     @property
     def preprocess(self) -> Callable[[list[Image.Image]], torch.Tensor]:
