@@ -111,3 +111,19 @@ def test_text_settings_that_cannot_work_are_refused(tiny_overrides):
         check(load_config(None, tiny_overrides + ["algorithm=f3ocus", "model.adapt_encoders=[image,text]"]))
     with pytest.raises(ConfigError, match="promptfl.n_ctx"):
         check(load_config(None, tiny_overrides + ["algorithm=promptfl", "promptfl.n_ctx=0"]))
+
+
+@pytest.mark.parametrize("algorithm", ["local", "fedavg", "fedprox", "apfl", "fedlrm", "fedlease", "fedpia"])
+def test_every_lora_method_adapts_the_text_encoder_when_asked(tiny_overrides, algorithm):
+    from fedlrm.algorithms import ALGORITHMS
+
+    own = [f"{algorithm}.{k}={v}" for k, v in ALGORITHMS[algorithm].quick_settings.items()]
+    cfg = load_config(None, tiny_overrides + [f"algorithm={algorithm}", "train.rounds=2",
+                                              "model.adapt_encoders=[image,text]", *own])
+    result = run_experiment(cfg, progress=False)
+    assert result.summary["rejected_updates"] == 0
+    kept = set(result.server_state.weights) | set(result.client_states[0])
+    assert any(k.startswith("text_encoder.") for k in kept)
+    uploads = [m for m in result.messages if m.direction == "up" and m.keys]
+    if uploads:  # what a client shares of its text side crosses like its image side
+        assert any(k.startswith("text_encoder.") for m in uploads for k in m.keys)
