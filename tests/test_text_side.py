@@ -127,3 +127,16 @@ def test_every_lora_method_adapts_the_text_encoder_when_asked(tiny_overrides, al
     uploads = [m for m in result.messages if m.direction == "up" and m.keys]
     if uploads:  # what a client shares of its text side crosses like its image side
         assert any(k.startswith("text_encoder.") for m in uploads for k in m.keys)
+
+
+def test_promptfl_computes_its_frozen_image_features_once_and_trains_exactly_as_without(tiny_overrides):
+    from fedlrm.models.frozen_prefix import cacheable_start
+
+    cfg, bundle = bundle_of(tiny_overrides + ["algorithm=promptfl"])
+    assert cacheable_start(bundle.model, augment=False) == len(bundle.model.backbone.blocks())
+    runs = [run_experiment(load_config(None, tiny_overrides + ["algorithm=promptfl", "train.rounds=2", f"name={n}",
+                                                            f"train.cache_frozen_features={c}"]), progress=False)
+            for n, c in (("cached", "true"), ("uncached", "false"))]
+    cached, uncached = (r.server_state.weights["prompt_context.experts.global.ctx"] for r in runs)
+    torch.testing.assert_close(cached, uncached)
+    assert runs[0].summary["per_client_accuracy"] == runs[1].summary["per_client_accuracy"]

@@ -62,6 +62,9 @@ def cacheable_start(model: ClipClassifier, augment: bool) -> int:
     augmentation changes the images every epoch, and random frozen blocks (dropout) would
     be drawn once instead of per step."""
     start = first_trained_block(model)
+    blocks = model.backbone.blocks()
+    if start is None and blocks is not None and getattr(model, "text_trains", False):
+        start = len(blocks)  # only the text side trains (a prompt context): every image block is frozen
     if augment or not start:
         return 0
     if _stochastic(model.backbone.stem() + model.backbone.blocks()[:start]):
