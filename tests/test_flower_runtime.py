@@ -119,7 +119,9 @@ def test_flower_with_tls_and_auth_equals_in_process_and_keeps_local_experts_home
 
 def test_crashed_and_frozen_clients_are_left_out_and_rejoin_with_the_current_state(tiny_overrides, tmp_path):
     run_dir = tmp_path / "runs" / "faults"
-    overrides = tiny_overrides + SAME_THREADS + ["algorithm=fedavg", "train.rounds=4", f"output_dir={tmp_path / 'runs'}",
+    # two rounds after the one the faults hit: a restarted SuperNode's first ClientApp may still miss the
+    # round it comes back in on a loaded machine, but not the next
+    overrides = tiny_overrides + SAME_THREADS + ["algorithm=fedavg", "train.rounds=5", f"output_dir={tmp_path / 'runs'}",
                                   "name=faults", "federation.min_clients=1", "federation.round_timeout=40"]
     started = []
     with LocalDeployment(tmp_path / "fl", NODES, node_configs(tmp_path)) as dep:
@@ -143,7 +145,7 @@ def test_crashed_and_frozen_clients_are_left_out_and_rejoin_with_the_current_sta
 
     rounds = {int(r["round"]): r for r in csv_rows(run_dir / "rounds.csv")}
     assert rounds[2]["clients_answered"] == "1"
-    assert rounds[4]["clients_answered"] == str(NODES)
+    assert rounds[5]["clients_answered"] == str(NODES)
     assert "did not train in time" in logs
     crossed = records(run_dir)
     for client in (1, 2):
