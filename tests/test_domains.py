@@ -148,3 +148,18 @@ def test_a_supernode_of_the_second_domain_classifies_over_that_domains_classes_o
     assert model(next(client.client.split.test.batches(4))[0]).shape[1] == 4
     with pytest.raises(Exception, match="num-partitions=5"):  # the sum over the domains, not data.num_clients
         node({"partition-id": 1, "num-partitions": 3, "state-dir": str(tmp_path / "n1")}, cfg, first_message(cfg), 1)
+
+
+def test_a_supernode_with_its_own_data_dir_in_a_multi_domain_run_reads_its_folder_only(tiny_overrides, tiny_dataset,
+                                                                                     tmp_path):
+    from pathlib import Path
+
+    from test_flower_client import first_message, node
+
+    cfg = load_config(None, tiny_overrides + two_domains(tiny_dataset) + ["algorithm=fedlrm", "data.new_clients=1"])
+    own = {"client-id": 1, "data-dir": str(Path(tiny_dataset["train"]).parent), "state-dir": str(tmp_path / "n1")}
+    client = node(own, cfg, first_message(cfg), 1)
+    assert client.class_names == ["red", "green", "blue", "yellow", "white", "black"]  # its folder's, not a domain's
+    with pytest.raises(Exception, match="this SuperNode's data-dir: .* is not a folder"):
+        node({**own, "data-dir": str(tmp_path / "missing"), "state-dir": str(tmp_path / "n2")}, cfg,
+             first_message(cfg), 1)

@@ -78,7 +78,7 @@ def test_a_node_config_without_a_client_is_refused():
 
 def test_a_data_dir_without_splits_is_refused(tiny_overrides, tmp_path):
     cfg = load_config(None, tiny_overrides + ["algorithm=fedavg"])
-    with pytest.raises(DataError, match="neither train.parquet"):
+    with pytest.raises(DataError, match=r"data-dir: .* holds neither train/ \+ test/ image folders .* nor train.parquet"):
         node({"client-id": 0, "data-dir": str(tmp_path), "state-dir": str(tmp_path / "s")}, cfg, b"", 1)
 
 

@@ -5,7 +5,7 @@ docs/DESIGN.md section 3 for the protocol it implements.
 """
 
 from fedlrm.data.augment import random_resized_crop_flip
-from fedlrm.data.federated import CACHE_LIMIT_BYTES, load_federated_data
+from fedlrm.data.federated import CACHE_LIMIT_BYTES, load_federated_data, one_client_folder
 from fedlrm.data.imageset import ClientSplit, Domain, FederatedData, GlobalTest, ImageSet
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "GlobalTest",
     "ImageSet",
     "load_federated_data",
+    "one_client_folder",
     "random_resized_crop_flip",
 ]

@@ -6,6 +6,7 @@ import logging
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +48,25 @@ def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
         except DataError as err:
             raise DataError(f"data.domains ({label}): {err}") from None
     return merge_domains(loaded)
+
+
+def one_client_folder(data: DataConfig, folder: Path) -> DataConfig:
+    """`data` pointed at one client's own folder, all of which is that client's: `train/` and `test/`
+    image folders (one subfolder per class) or `train.parquet` and `test.parquet` (a SuperNode's
+    `data-dir`, a user's new client). One client, one source: no domains, no held-out clients."""
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; give a folder with train/ and test/ image folders (one "
+                        f"subfolder per class) or train.parquet and test.parquet")
+    if (folder / "train.parquet").is_file() and (folder / "test.parquet").is_file():
+        source, train, test = "parquet", folder / "train.parquet", folder / "test.parquet"
+    elif (folder / "train").is_dir() and (folder / "test").is_dir():
+        source, train, test = "imagefolder", folder / "train", folder / "test"
+    else:
+        raise DataError(f"{folder} holds neither train/ + test/ image folders (one subfolder per class) nor "
+                        f"train.parquet + test.parquet; put the client's training images in {folder / 'train'} "
+                        f"and its test images in {folder / 'test'}")
+    return replace(data, source=source, train=str(train.resolve()), test=str(test.resolve()), num_clients=1,
+                   partition="dirichlet", dirichlet_alpha=1.0, new_clients=0, new_client_epochs=None, domains=[])
 
 
 def merge_domains(loaded: list[tuple[str, FederatedData]]) -> FederatedData:

@@ -21,7 +21,7 @@ from pathlib import Path
 from fedlrm.adapters import adapter_parameters, get_state
 from fedlrm.algorithms import Algorithm, ServerState, State, get_algorithm
 from fedlrm.config import DataConfig, RunConfig, at_least_one
-from fedlrm.data import ClientSplit, load_federated_data
+from fedlrm.data import ClientSplit, load_federated_data, one_client_folder
 from fedlrm.errors import DataError, FedLRMError
 from fedlrm.federation.checkpoint import check_config, verify_checkpoint
 from fedlrm.federation.export import save_personalized
@@ -82,25 +82,12 @@ def newcomer_summary(rows: list[dict]) -> dict:
 
 # ---------------------------------------------------------------------------- a user's own new client
 def own_data_config(data: DataConfig, folder: Path, class_names: list[str] | None = None) -> DataConfig:
-    """The data settings of one client whose data is all of `folder`: `train/` and `test/` image
-    folders (one subfolder per class) or `train.parquet` and `test.parquet`, as a Flower SuperNode's
-    `data-dir` holds. Every image is used (no few-shot draw); the classes are the data's own (or
-    `class_names`), not the run's."""
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder; give a folder with train/ and test/ image folders (one "
-                        f"subfolder per class) or train.parquet and test.parquet")
-    if (folder / "train.parquet").is_file() and (folder / "test.parquet").is_file():
-        source, train, test = "parquet", folder / "train.parquet", folder / "test.parquet"
-    elif (folder / "train").is_dir() and (folder / "test").is_dir():
-        source, train, test = "imagefolder", folder / "train", folder / "test"
-    else:
-        raise DataError(f"{folder} holds neither train/ + test/ image folders (one subfolder per class) nor "
-                        f"train.parquet + test.parquet; put the client's training images in {folder / 'train'} "
-                        f"and its test images in {folder / 'test'}")
-    return replace(data, source=source, train=str(train.resolve()), test=str(test.resolve()), name=None,
-                   num_clients=1, partition="dirichlet", dirichlet_alpha=1.0, shots=0, test_per_client=None,
+    """The data settings of a user's new client whose data is all of `folder` (the layout of a
+    SuperNode's `data-dir`, `one_client_folder`). Every image is used (no few-shot draw); the classes
+    are the data's own (or `class_names`), not the run's."""
+    return replace(one_client_folder(data, folder), name=None, shots=0, test_per_client=None,
                    global_test_size=None, exclude_classes=[], class_names=list(class_names or []),
-                   client_classes="all", new_clients=0, new_client_epochs=None, domains=[])
+                   client_classes="all")
 
 
 def personalize_run(run_dir: str | Path, data_dir: str | Path, *, epochs: int | None = None,

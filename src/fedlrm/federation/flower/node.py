@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from fedlrm.algorithms import get_algorithm
 from fedlrm.config import RunConfig, to_dict
-from fedlrm.data import ClientSplit, ImageSet, load_federated_data
+from fedlrm.data import ClientSplit, ImageSet, load_federated_data, one_client_folder
 from fedlrm.errors import DataError, FedLRMError
 from fedlrm.federation.client import Client
 from fedlrm.federation.export import save_personalized
@@ -146,7 +145,10 @@ class NodeClient:
         cfg = self.cfg
         data_cfg = cfg.data
         if "data-dir" in self.node_config:
-            data_cfg = own_data_config(cfg, Path(str(self.node_config["data-dir"])).expanduser())
+            try:
+                data_cfg = one_client_folder(cfg.data, Path(str(self.node_config["data-dir"])).expanduser())
+            except DataError as err:
+                raise DataError(f"this SuperNode's data-dir: {err}") from None
         elif int(self.node_config.get("num-partitions", data_cfg.total_clients)) != data_cfg.total_clients:
             raise DataError(f"this SuperNode serves partition {self.client_id} of "
                             f"{self.node_config['num-partitions']}, but the run splits the data among "
@@ -206,17 +208,3 @@ def materialize(image_set: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
     if not images:
         raise DataError("a client split has no images")
     return torch.cat(images).contiguous(), torch.cat(labels).contiguous()
-
-
-def own_data_config(cfg: RunConfig, folder: Path):
-    """The run's data settings pointed at one client's own folder (all of it is this client's)."""
-    if (folder / "train.parquet").is_file() and (folder / "test.parquet").is_file():
-        source, train, test = "parquet", folder / "train.parquet", folder / "test.parquet"
-    elif (folder / "train").is_dir() and (folder / "test").is_dir():
-        source, train, test = "imagefolder", folder / "train", folder / "test"
-    else:
-        raise DataError(f"data-dir {folder} holds neither train.parquet + test.parquet nor train/ + test/ "
-                        f"image folders")
-    return replace(cfg.data, source=source, train=str(train), test=str(test), num_clients=1,
-                   partition="dirichlet", dirichlet_alpha=1.0)
-
