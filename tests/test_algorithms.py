@@ -52,6 +52,8 @@ CONTRACT = {
     "f3ocus": dict(private=set(), down=GLOBAL | {"f3ocus.mask"}, up=GLOBAL | {"f3ocus.scores"}),
     # CoOp's context vectors, averaged by the server; no LoRA anywhere
     "promptfl": dict(private=set(), down={"experts.global.ctx"}, up={"experts.global.ctx"}),
+    # a global context averaged by the server, a local one that stays
+    "fedotp": dict(private={"experts.local.ctx"}, down={"experts.global.ctx"}, up={"experts.global.ctx"}),
 }
 
 

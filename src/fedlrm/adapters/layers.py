@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from fedlrm.adapters.prompts import prompt_contexts
+
 
 class LoRAExpert(nn.Module):
     """Low-rank update B A (A: rank x d_in, B: d_out x rank), scaled by alpha / rank."""
@@ -200,8 +202,9 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
 
 @contextmanager
 def only_expert(model: nn.Module, name: str):
-    """Evaluate with one expert alone in every adapted layer (e.g. the global model)."""
-    layers = [m for _, m in adapted_layers(model)]
+    """Evaluate with one expert alone in every adapted layer and one role of every prompt context
+    (e.g. the global model)."""
+    layers = [m for _, m in adapted_layers(model)] + [c for _, c in prompt_contexts(model)]
     for m in layers:
         m.only = name
     try:

@@ -28,7 +28,15 @@ class ContextVectors(nn.Module):
 
 
 class PromptContext(nn.Module):
-    """The context vectors of one or more roles; `active` is the role the text encoder reads now."""
+    """The context vectors of one or more roles; `active` is the role the text encoder reads now.
+
+    A context that `scores_tokens` (FedOTP's) reads every role at once: the classifier embeds each
+    class with each role's vectors and lets `score` match them with the image's patch tokens.
+    `only` (set by `fedlrm.adapters.only_expert`) restricts it to one role, e.g. the global model."""
+
+    #: whether the classifier scores an image by its patch tokens through `score`, instead of its
+    #: pooled feature against the active role's class features
+    scores_tokens = False
 
     def __init__(self, n_ctx: int, width: int, roles: tuple[str, ...] = ("global",)):
         super().__init__()
@@ -37,9 +45,18 @@ class PromptContext(nn.Module):
         self.n_ctx, self.width = n_ctx, width
         self.experts = nn.ModuleDict({role: ContextVectors(n_ctx, width) for role in roles})
         self.active = roles[0]
+        self.only: str | None = None
 
     def vectors(self, role: str | None = None) -> torch.Tensor:
-        return self.experts[role or self.active].ctx
+        return self.experts[role or self.only or self.active].ctx
+
+    def roles_in_use(self) -> tuple[str, ...]:
+        return (self.only,) if self.only is not None else tuple(self.experts)
+
+    def score(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine-scale scores (batch, classes) of images from their normalised patch features
+        (batch, patches, d) and the normalised class features of each role in use (roles, classes, d)."""
+        raise NotImplementedError
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for expert in self.experts.values():

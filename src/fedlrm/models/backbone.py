@@ -79,6 +79,17 @@ class Backbone(nn.Module):
         """Normalised image features from the hidden states entering block `start`."""
         raise NotImplementedError
 
+    def token_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised features of every output token of the image encoder (batch, 1 + patches, d), the
+        pooled token first, each through the final norm and the projection the pooled one takes
+        (the local features FedOTP transports prompts to)."""
+        raise ModelError(f"{type(self).__name__} cannot give the image encoder's patch features, which "
+                         "this algorithm scores images by; use model.backend=hf")
+
+    def token_features_from(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """`token_features` from the hidden states entering block `start`."""
+        raise ModelError(f"{type(self).__name__} cannot give the image encoder's patch features; use model.backend=hf")
+
     def set_activation_checkpointing(self, enabled: bool) -> bool:
         """Recompute block activations in the backward pass; False if the backend cannot."""
         return False
@@ -132,6 +143,18 @@ class HFClipBackbone(Backbone):
             hidden = block(hidden, None)
         pooled = self.image_encoder.post_layernorm(hidden[:, 0, :])
         return F.normalize(self.visual_projection(pooled), dim=-1)
+
+    def token_features(self, pixel_values):
+        return self._projected_tokens(self.image_encoder(pixel_values=pixel_values).last_hidden_state)
+
+    def token_features_from(self, hidden, start):
+        for block in self.blocks()[start:]:
+            hidden = block(hidden, None)
+        return self._projected_tokens(hidden)
+
+    def _projected_tokens(self, hidden):
+        # as the pooled token: post_layernorm, then the projection (OpenAI CLIP's ln_post and proj)
+        return F.normalize(self.visual_projection(self.image_encoder.post_layernorm(hidden)), dim=-1)
 
     def activation_bytes(self, batch_size):
         c = self.image_encoder.config
@@ -231,12 +254,13 @@ class OpenClipBackbone(Backbone):
 @contextmanager
 def _context_in(embedding: nn.Embedding, ids: torch.Tensor, context: torch.Tensor | None,
                 tokenizer) -> Iterator[None]:
-    """Within the block, the embedding's output at positions 1..n_ctx is `context` (for every prompt):
-    the prompts must hold n_ctx placeholder words right after the start token, each one token."""
+    """Within the block, the embedding's output at positions 1..n_ctx is `context`: (n_ctx, width) for
+    every prompt, or (prompts, n_ctx, width), one per prompt. The prompts must hold n_ctx placeholder
+    words right after the start token, each one token."""
     if context is None:
         yield
         return
-    n = context.shape[0]
+    n = context.shape[-2]
     placeholders = ids[:, 1:1 + n]
     if ids.shape[1] < n + 2 or not bool((placeholders == placeholders[:1, :1]).all()):
         from fedlrm.adapters.prompts import PLACEHOLDER
@@ -359,10 +383,28 @@ class ClipClassifier(nn.Module):
         """The text features of the classes the logits are over (see `classifying_over`)."""
         if not self.text_trains:
             return self.text_features if self._classes is None else self.text_features[self._classes]
-        names = self.class_names if self._classes is None else [self.class_names[i] for i in self._classes.tolist()]
         context = self.prompt_context
-        prompts = [context.template(n) if context is not None else self.prompt.format(n) for n in names]
+        prompts = [context.template(n) if context is not None else self.prompt.format(n) for n in self._names()]
         return self.backbone.encode_text(prompts, None if context is None else context.vectors())
+
+    def role_text_features(self) -> torch.Tensor:
+        """The class text features under each role of the prompt context in use, (roles, classes, d),
+        from one pass of the text encoder over every (role, class) prompt."""
+        context = self.prompt_context
+        roles = context.roles_in_use()
+        prompts = [context.template(n) for n in self._names()]
+        vectors = torch.stack([context.vectors(role) for role in roles])  # (roles, n_ctx, width)
+        per_prompt = vectors.repeat_interleave(len(prompts), dim=0)
+        features = self.backbone.encode_text(prompts * len(roles), per_prompt)
+        return features.view(len(roles), len(prompts), -1)
+
+    def _names(self) -> list[str]:
+        return self.class_names if self._classes is None else [self.class_names[i] for i in self._classes.tolist()]
+
+    @property
+    def scores_tokens(self) -> bool:
+        """Whether images are scored by their patch tokens (the prompt context's `score`, FedOTP)."""
+        return self.prompt_context is not None and self.prompt_context.scores_tokens
 
     @contextmanager
     def classifying_over(self, classes: list[int] | None) -> Iterator[None]:
@@ -381,14 +423,24 @@ class ClipClassifier(nn.Module):
         return self.backbone.image_encoder
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.scores_tokens:
+            return self.token_logits(self.backbone.token_features(pixel_values))
         return self.logits(self.backbone.image_features(pixel_values))
 
     def forward_from(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from the hidden states entering block `start` (see `Backbone.hidden_before`)."""
+        if self.scores_tokens:
+            return self.token_logits(self.backbone.token_features_from(hidden, start))
         return self.logits(self.backbone.features_from(hidden, start))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logit_scale * features @ self.class_text_features().t()
+
+    def token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from every output token's feature (`Backbone.token_features`): the prompt context
+        scores the patch tokens (the pooled one, first, is left out) against each role's class features."""
+        text = self.role_text_features().to(tokens.dtype)
+        return self.backbone.logit_scale * self.prompt_context.score(tokens[:, 1:], text)
 
     @property
     def preprocess(self) -> Callable[[list[Image.Image]], torch.Tensor]:
