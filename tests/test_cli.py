@@ -85,6 +85,54 @@ def test_compare_prints_one_table_and_writes_chart(capsys, tiny_overrides, tmp_p
     assert summaries[0] == summaries[1] == summaries[2]
 
 
+def test_compare_over_seeds_runs_each_seed_and_tables_their_mean_and_spread(capsys, tiny_overrides, tmp_path):
+    import csv
+    import statistics
+
+    code, out, _ = run_cli(capsys, "compare", "--no-progress", "--algorithms", "zeroshot,fedavg", "--seeds", "0,5",
+                           *tiny_overrides, "train.rounds=2", "name=seeds")
+    assert code == 0 and "mean ± std over seeds 0, 5" in out
+    d = tmp_path / "runs" / "seeds"
+    per_seed = {}
+    for seed in (0, 5):
+        with (d / f"seed-{seed}" / "compare.csv").open() as f:
+            per_seed[seed] = {row["method"]: float(row["acc_weighted"]) for row in csv.DictReader(f)}
+        data = (d / f"seed-{seed}" / "fedavg" / "data_summary.json").read_text()
+        assert data == (d / f"seed-{seed}" / "zeroshot" / "data_summary.json").read_text()
+    assert (d / "seed-0" / "fedavg" / "data_summary.json").read_text() != data  # another seed, another split
+    with (d / "compare.csv").open() as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    for method in ("zeroshot", "fedavg"):
+        values = [per_seed[s][method] for s in (0, 5)]
+        assert float(rows[method]["acc_weighted/mean"]) == pytest.approx(statistics.mean(values))
+        assert float(rows[method]["acc_weighted/std"]) == pytest.approx(statistics.stdev(values))
+        assert float(rows[method]["acc_weighted/seed-5"]) == pytest.approx(values[1])
+    table = (d / "compare.md").read_text()
+    assert "| fedavg | " in table and "seed 5 %" in table and (d / "compare.png").is_file()
+
+
+def test_the_table_over_seeds_is_the_mean_and_sample_deviation_of_each_figure():
+    from fedlrm.reporting import over_seeds, seeds_markdown
+
+    per_seed = {0: [{"method": "a", "acc_weighted": 0.5, "global_accuracy": None, "wall_seconds": 10.0}],
+                1: [{"method": "a", "acc_weighted": 0.7, "global_accuracy": 0.4, "wall_seconds": 14.0}],
+                2: [{"method": "a", "acc_weighted": 0.6, "global_accuracy": 0.6, "wall_seconds": 12.0}]}
+    row, = over_seeds(per_seed)
+    assert row["acc_weighted/mean"] == pytest.approx(0.6) and row["acc_weighted/std"] == pytest.approx(0.1)
+    assert row["global_accuracy/mean"] == pytest.approx(0.5)  # the seed without the figure is left out
+    assert row["acc_weighted/seed-1"] == 0.7 and row["seeds"] == 3
+    line = seeds_markdown([row]).splitlines()[2]
+    assert line.startswith("| a | 60.00 ± 10.00 |") and "| 12.0 ± 2.0 |" in line and line.endswith("| 50.00 | 70.00 | 60.00 |")
+
+
+@pytest.mark.parametrize("seeds, message", [("0,x", "whole numbers"), ("1,1", "names a seed twice")])
+def test_bad_seeds_are_refused_before_anything_runs(capsys, tiny_overrides, tmp_path, seeds, message):
+    code, _, err = run_cli(capsys, "compare", "--no-progress", "--algorithms", "zeroshot", "--seeds", seeds,
+                           *tiny_overrides, "name=bad")
+    assert code == 2 and message in err
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
 def test_flower_command_refuses_a_bad_config_before_starting_any_process(capsys, tmp_path):
     work = tmp_path / "deployment"
     assert main(["flower", "--work-dir", str(work), "train.roundz=3"]) == 2

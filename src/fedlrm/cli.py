@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--algorithms", default=every,
                      help=f"comma-separated; an entry may set the algorithm's own settings, ALGORITHM+key=value "
                           f"(e.g. fedlease+variant=weighted) (default: every algorithm and variant, {every})")
+    cmp.add_argument("--seeds", default=None, metavar="S,S,...",
+                     help="run the compare once per seed (each its own split and initialisation) and add a "
+                          "table of the mean and standard deviation over them (default: the config's seed)")
     cmp.set_defaults(func=cmd_compare)
 
     flower = sub.add_parser("flower", help="run on Flower on 127.0.0.1: a SuperLink and one SuperNode per client "
@@ -177,14 +180,26 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    from fedlrm.errors import ConfigError
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes whole numbers separated by commas, e.g. 0,1,2; got {text!r}") from None
+
+
 def cmd_compare(args) -> int:
     from fedlrm.algorithms import load_config
-    from fedlrm.experiment import compare
+    from fedlrm.experiment import compare, compare_over_seeds
 
     start = time.perf_counter()
     cfg = load_config(args.config, args.overrides)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    out, _ = compare(cfg, algorithms, progress=not args.no_progress)
+    if args.seeds is None:
+        out, _ = compare(cfg, algorithms, progress=not args.no_progress)
+    else:
+        out, _ = compare_over_seeds(cfg, algorithms, _seed_list(args.seeds), progress=not args.no_progress)
     print(f"results: {out / 'compare.md'}, {out / 'compare.png'}  (wall time {time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -27,7 +27,8 @@ from fedlrm.federation.server import RunResult
 from fedlrm.federation.simulation import Simulation
 from fedlrm.federation.task import personalize
 from fedlrm.models import load_backbone
-from fedlrm.reporting import (markdown_table, plot_compare, plot_compare_rounds, print_table, write_csv,
+from fedlrm.reporting import (markdown_table, over_seeds, plot_compare, plot_compare_rounds, print_seed_table,
+                              print_table, seeds_markdown, write_csv,
                               write_run_report)
 
 log = logging.getLogger("fedlrm.compare")
@@ -149,6 +150,40 @@ def compare_entry(cfg: RunConfig, entry: str) -> RunConfig:
         raise ConfigError(f"{entry!r}: {str(err).splitlines()[0]} (the keys of {algorithm}: "
                           f"{', '.join(f.name for f in fields(cfg.methods[algorithm])) or 'none'})") from None
     return replace(cfg, algorithm=algorithm, methods={**cfg.methods, algorithm: own})
+
+
+def compare_over_seeds(cfg: RunConfig, algorithms: list[str], seeds: list[int], progress: bool = True,
+                       console: Console | None = None) -> tuple[Path, list[dict]]:
+    """`compare` once per seed (each seed its own split, shots and initialisation), into
+    `<out>/seed-<seed>/`, then one table of each method's mean and standard deviation over the seeds
+    (`compare.md`, `compare.csv`, `compare.png` in `<out>`)."""
+    if not seeds:
+        raise ConfigError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds names a seed twice: {', '.join(map(str, seeds))}")
+    if len(seeds) == 1:
+        return compare(replace(cfg, seed=seeds[0]), algorithms, progress, console)
+    if not algorithms or len(set(algorithms)) != len(algorithms):
+        raise ConfigError(f"--algorithms must name each entry once, got {', '.join(algorithms) or 'none'}")
+    for entry in algorithms:  # every entry's checks before the first seed runs
+        check(compare_entry(cfg, entry))
+    name = cfg.name or f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+    out = new_run_dir(replace(cfg, name=name))
+    per_seed = {}
+    for seed in seeds:
+        log.info("seed %d (%d of %d)", seed, len(per_seed) + 1, len(seeds))
+        _, per_seed[seed] = compare(replace(cfg, seed=seed, output_dir=str(out), name=f"seed-{seed}"), algorithms,
+                                    progress, console)
+    rows = over_seeds(per_seed)
+    federation = (f"{len(cfg.data.domains)} domains" if cfg.data.domains else
+                  f"{cfg.data.num_clients} clients, {cfg.data.shots}-shot, {cfg.data.partition} split")
+    title = f"{federation}, mean ± std over seeds {', '.join(map(str, seeds))}"
+    print_seed_table(rows, title, console)
+    (out / "compare.md").write_text(f"# {title}\n\n" + seeds_markdown(rows))
+    write_csv(out / "compare.csv", rows)
+    plot_compare(out / "compare.png", [{"method": r["method"], **{k[:-5]: r[k] for k in r if k.endswith("/mean")}}
+                                       for r in rows], title)
+    return out, rows
 
 
 def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,

@@ -98,6 +98,83 @@ def print_table(summaries: list[dict], title: str, console: Console | None = Non
     (console or wide_console()).print(table)
 
 
+#: what the table over seeds shows of each method, as mean ± std (per-domain figures join them)
+SEED_COLUMNS = [
+    ("acc_weighted", "acc (weighted) %", "{:.2f}"),
+    ("acc_std", "std over clients", "{:.2f}"),
+    ("acc_worst", "worst client %", "{:.2f}"),
+    ("new_acc_weighted", "new clients %", "{:.2f}"),
+    ("global_accuracy", "global model %", "{:.2f}"),
+    ("mb_up_per_client_round", "MB up/client/round", "{:.4f}"),
+    ("wall_seconds", "wall s", "{:.1f}"),
+]
+
+
+def over_seeds(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """Each method's figures over the seeds of a compare: `<key>/mean`, `<key>/std` (sample standard
+    deviation; 0 for one seed) and the weighted accuracy of each seed, `acc_weighted/seed-<s>`.
+    A figure a seed does not have (no global model) is left out of its mean."""
+    methods = list(dict.fromkeys(s["method"] for summaries in per_seed.values() for s in summaries))
+    shown = {key for key, _, _ in SEED_COLUMNS} | {"groups_ari"}
+    keys = [k for k, _, _ in compare_columns([s for summaries in per_seed.values() for s in summaries])
+            if k in shown or k.startswith(tuple(_BY_DOMAIN))]
+    rows = []
+    for method in methods:
+        runs = {seed: next(s for s in summaries if s["method"] == method) for seed, summaries in per_seed.items()
+                if any(s["method"] == method for s in summaries)}
+        row: dict = {"method": method, "seeds": len(runs)}
+        for key in keys:
+            values = [float(r[key]) for r in runs.values() if r.get(key) is not None]
+            if values:
+                row[f"{key}/mean"] = float(np.mean(values))
+                row[f"{key}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        for seed, run in runs.items():
+            row[f"acc_weighted/seed-{seed}"] = run.get("acc_weighted")
+        rows.append(row)
+    return rows
+
+
+def _seed_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    own = [(k[:-5], k[:-5]) for k in keys if k.endswith("/mean")]
+    titles = {k: (t, f) for k, t, f in compare_columns([{k: 0 for k, _ in own}])}
+    return [(k, titles[k][0], titles[k][1]) for k, _ in own if k in titles]
+
+
+def _seed_cells(row: dict, columns: list[tuple[str, str, str]], seed_keys: list[str]) -> list[str]:
+    cells = [row["method"]]
+    for key, _, fmt in columns:
+        mean = row.get(f"{key}/mean")
+        scale = 100 if _percent(key) else 1
+        cells.append("-" if mean is None else f"{fmt.format(mean * scale)} ± {fmt.format(row[f'{key}/std'] * scale)}")
+    cells += ["-" if row.get(k) is None else f"{100 * row[k]:.2f}" for k in seed_keys]
+    return cells
+
+
+def _seed_layout(rows: list[dict]):
+    columns = _seed_columns(rows)
+    seed_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("acc_weighted/seed-")))
+    head = ["method"] + [title for _, title, _ in columns] + [f"seed {k.rsplit('-', 1)[1]} %" for k in seed_keys]
+    return columns, seed_keys, head
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+    columns, seed_keys, head = _seed_layout(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_seed_cells(r, columns, seed_keys)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_seed_table(rows: list[dict], title: str, console: Console | None = None) -> None:
+    columns, seed_keys, head = _seed_layout(rows)
+    table = Table(title=title)
+    for i, name in enumerate(head):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*_seed_cells(r, columns, seed_keys))
+    (console or wide_console()).print(table)
+
+
 def wide_console() -> Console:
     """Rich falls back to 80 columns when output is not a terminal; tables need more."""
     import shutil
