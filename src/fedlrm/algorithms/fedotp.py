@@ -103,6 +103,7 @@ class FedOTP(Algorithm):
     name = "fedotp"
     Settings = FedOTPSettings
     quick_settings = {"max_iter": 20}
+    compare_variants = ("transport=balanced",)
 
     @classmethod
     def check(cls, settings, cfg):
