@@ -54,6 +54,9 @@ CONTRACT = {
     "promptfl": dict(private=set(), down={"experts.global.ctx"}, up={"experts.global.ctx"}),
     # a global context averaged by the server, a local one that stays
     "fedotp": dict(private={"experts.local.ctx"}, down={"experts.global.ctx"}, up={"experts.global.ctx"}),
+    # its own context goes up under its own name and comes down to others as a fixed expert; its gate stays
+    "pfedmoap": dict(private={"experts.local.ctx", "prompt_context.gate.query.weight", "prompt_context.gate.key.weight"},
+                     down={"experts.e*.ctx"}, up={"pfedmoap.prompt"}),
 }
 
 

@@ -30,13 +30,14 @@ class ContextVectors(nn.Module):
 class PromptContext(nn.Module):
     """The context vectors of one or more roles; `active` is the role the text encoder reads now.
 
-    A context that `scores_tokens` (FedOTP's) reads every role at once: the classifier embeds each
-    class with each role's vectors and lets `score` match them with the image's patch tokens.
-    `only` (set by `fedlrm.adapters.only_expert`) restricts it to one role, e.g. the global model."""
+    A context that `scores_by_role` reads every role at once: the classifier embeds each class with
+    each role's vectors and lets `score` weigh them against the image, by its patch tokens (FedOTP's
+    transport) or its pooled feature (pFedMoAP's gate). `only` (set by `fedlrm.adapters.only_expert`)
+    restricts it to one role, e.g. the global model."""
 
-    #: whether the classifier scores an image by its patch tokens through `score`, instead of its
-    #: pooled feature against the active role's class features
-    scores_tokens = False
+    #: None: the classifier scores the pooled image feature against the active role's class features;
+    #: "patches" or "pooled": it calls `score` with those image features and every role's class features
+    scores_by_role: str | None = None
 
     def __init__(self, n_ctx: int, width: int, roles: tuple[str, ...] = ("global",)):
         super().__init__()
@@ -53,9 +54,10 @@ class PromptContext(nn.Module):
     def roles_in_use(self) -> tuple[str, ...]:
         return (self.only,) if self.only is not None else tuple(self.experts)
 
-    def score(self, patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Cosine-scale scores (batch, classes) of images from their normalised patch features
-        (batch, patches, d) and the normalised class features of each role in use (roles, classes, d)."""
+    def score(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine-scale scores (batch, classes) from normalised image features, (batch, patches, d) or
+        (batch, d) as `scores_by_role` says, and the normalised class features of each role in use
+        (roles, classes, d)."""
         raise NotImplementedError
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

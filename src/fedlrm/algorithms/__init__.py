@@ -14,7 +14,7 @@ from fedlrm.algorithms.registry import (ALGORITHMS, check, compare_entries, conf
                                         load_config, register, unregister)
 
 _CONTRACT = {"base", "registry"}
-_PAPER_ORDER = ("zeroshot", "local", "fedavg", "fedprox", "apfl", "fedlrm", "fedlease", "fedpia", "f3ocus", "promptfl", "fedotp")
+_PAPER_ORDER = ("zeroshot", "local", "fedavg", "fedprox", "apfl", "fedlrm", "fedlease", "fedpia", "f3ocus", "promptfl", "fedotp", "pfedmoap")
 
 
 def _discover() -> None:

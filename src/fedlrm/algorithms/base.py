@@ -120,9 +120,10 @@ class Algorithm:
         """The adapted replacement of one target layer in `layout`, or None to leave it as it is."""
         raise NotImplementedError
 
-    def make_prompt(self, width: int, layout: Hashable) -> nn.Module | None:
+    def make_prompt(self, width: int, layout: Hashable, feature_dim: int) -> nn.Module | None:
         """The learnable prompt context (`fedlrm.adapters.PromptContext`) the client trains on the text
-        side, for token embeddings of `width`; None (the default): the configured prompt, fixed."""
+        side, for token embeddings of `width` and image and text features of `feature_dim` (the joint
+        space); None (the default): the configured prompt, fixed."""
         return None
 
     def layout_of(self, message: State) -> Hashable:

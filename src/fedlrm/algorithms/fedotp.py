@@ -83,7 +83,7 @@ class TransportPrompts(PromptContext):
     """A global and a local context; a class's score is the transported similarity of both prompts'
     features to the image's patch features."""
 
-    scores_tokens = True
+    scores_by_role = "patches"
 
     def __init__(self, n_ctx: int, width: int, settings: FedOTPSettings):
         super().__init__(n_ctx, width, ("global", "local"))
@@ -125,7 +125,7 @@ class FedOTP(Algorithm):
     def make_layer(self, linear, layout):
         return None  # no LoRA: the two prompts are all a client trains
 
-    def make_prompt(self, width, layout):
+    def make_prompt(self, width, layout, feature_dim):
         return TransportPrompts(self.settings.n_ctx, width, self.settings)
 
     def global_view(self, model):

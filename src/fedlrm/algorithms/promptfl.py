@@ -36,5 +36,5 @@ class PromptFL(Algorithm):
     def make_layer(self, linear, layout):
         return None  # no LoRA: the prompt is all a client trains
 
-    def make_prompt(self, width, layout):
+    def make_prompt(self, width, layout, feature_dim):
         return PromptContext(self.settings.n_ctx, width, ("global",))

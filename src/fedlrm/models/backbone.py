@@ -402,9 +402,10 @@ class ClipClassifier(nn.Module):
         return self.class_names if self._classes is None else [self.class_names[i] for i in self._classes.tolist()]
 
     @property
-    def scores_tokens(self) -> bool:
-        """Whether images are scored by their patch tokens (the prompt context's `score`, FedOTP)."""
-        return self.prompt_context is not None and self.prompt_context.scores_tokens
+    def role_scoring(self) -> str | None:
+        """How the prompt context scores images from every role's class features (`PromptContext.score`):
+        by their "patches" (FedOTP) or "pooled" feature (pFedMoAP); None: plain cosine logits."""
+        return None if self.prompt_context is None else self.prompt_context.scores_by_role
 
     @contextmanager
     def classifying_over(self, classes: list[int] | None) -> Iterator[None]:
@@ -423,24 +424,25 @@ class ClipClassifier(nn.Module):
         return self.backbone.image_encoder
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.scores_tokens:
-            return self.token_logits(self.backbone.token_features(pixel_values))
-        return self.logits(self.backbone.image_features(pixel_values))
+        if self.role_scoring == "patches":  # every output token but the pooled one, which comes first
+            return self.role_logits(self.backbone.token_features(pixel_values)[:, 1:])
+        features = self.backbone.image_features(pixel_values)
+        return self.role_logits(features) if self.role_scoring else self.logits(features)
 
     def forward_from(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from the hidden states entering block `start` (see `Backbone.hidden_before`)."""
-        if self.scores_tokens:
-            return self.token_logits(self.backbone.token_features_from(hidden, start))
-        return self.logits(self.backbone.features_from(hidden, start))
+        if self.role_scoring == "patches":
+            return self.role_logits(self.backbone.token_features_from(hidden, start)[:, 1:])
+        features = self.backbone.features_from(hidden, start)
+        return self.role_logits(features) if self.role_scoring else self.logits(features)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logit_scale * features @ self.class_text_features().t()
 
-    def token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits from every output token's feature (`Backbone.token_features`): the prompt context
-        scores the patch tokens (the pooled one, first, is left out) against each role's class features."""
-        text = self.role_text_features().to(tokens.dtype)
-        return self.backbone.logit_scale * self.prompt_context.score(tokens[:, 1:], text)
+    def role_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits the prompt context gives from image features and every role's class features."""
+        text = self.role_text_features().to(image.dtype)
+        return self.backbone.logit_scale * self.prompt_context.score(image, text)
 
     @property
     def preprocess(self) -> Callable[[list[Image.Image]], torch.Tensor]:
