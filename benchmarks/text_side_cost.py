@@ -1,8 +1,8 @@
 """What a text side that trains costs per training step, against the image-only step.
 
 With only image-side adapters, the class text features are computed once and read from a cache;
-when the text side trains (LoRA on the text encoder, `model.adapt_encoders=[image,text]`, or a
-CoOp prompt context, `promptfl`), every step runs the class prompts through the text encoder,
+when the text side trains (LoRA on the text encoder, `model.adapt_encoders=[image,text]`, or
+CoOp prompt contexts: `promptfl`, `fedotp`, `pfedmoap`), every step runs the class prompts through the text encoder,
 forward and backward. This times `train_step` (forward, backward, AdamW step) of the built-in
 tiny CLIP at batch 32 over 10 classes for each setting, in one invocation, the settings
 interleaved over several passes, and writes benchmarks/results/text_side_cost.{json,md}.
@@ -34,6 +34,9 @@ SETTINGS = [  # (label, algorithm, overrides); the first of each algorithm is it
     ("fedlrm, image experts", "fedlrm", []),
     ("fedlrm, image + text experts", "fedlrm", ["model.adapt_encoders=[image,text]"]),
     ("promptfl, prompt context (4 vectors)", "promptfl", []),
+    ("fedotp, two contexts, transport over 64 patches", "fedotp", []),
+    ("fedotp, balanced transport", "fedotp", ["fedotp.transport=balanced"]),
+    ("pfedmoap, own context + 3 experts, gate", "pfedmoap", []),
 ]
 
 

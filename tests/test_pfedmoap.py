@@ -11,7 +11,7 @@ from fedlrm.algorithms import ServerState, Upload, check, get_algorithm, load_co
 from fedlrm.algorithms.pfedmoap import OWN, UPLOAD, PromptPool
 from fedlrm.errors import ConfigError
 from fedlrm.experiment import run_experiment
-from fedlrm.federation.task import build_model, load_client
+from fedlrm.federation.task import build_model, initial_private, load_client
 from fedlrm.models import load_backbone
 
 
@@ -123,3 +123,11 @@ def test_a_personalized_prompt_model_exports_with_everything_its_client_scores_w
         assert received and all(torch.equal(exported[k], v) for k, v in received.items())
     assert model.role_scoring == ("pooled" if algorithm == "pfedmoap" else "patches")
     assert model(torch.rand(2, 3, 16, 16)).shape[0] == 2
+
+
+def test_the_example_message_of_a_timed_step_carries_the_experts(tiny_overrides):
+    cfg, algorithm, bundle = setup(tiny_overrides, "pfedmoap.experts=2")
+    private = initial_private(bundle, algorithm, cfg, 0)
+    message = algorithm.example_message(algorithm.init_server({}), private, 0)
+    load_client(bundle, algorithm, cfg, 0, private, message, 2)
+    assert bundle.layout == 2 and bundle.model.role_text_features().shape[0] == 3

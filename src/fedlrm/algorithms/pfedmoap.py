@@ -157,6 +157,13 @@ class PFedMoAP(Algorithm):
         chosen = self.experts_for(pool, client, server_round)
         return {**state.weights, **{f"prompt_context.experts.e{j}.ctx": pool[c].clone() for j, c in enumerate(chosen)}}
 
+    def example_message(self, state: ServerState, private: State, client_id: int) -> State:
+        """A round after the first: `pfedmoap.experts` contexts of other clients (fresh draws here)."""
+        draw = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "pfedmoap", "example"))
+        shape = private[OWN].shape
+        return {f"prompt_context.experts.e{j}.ctx": torch.randn(shape, generator=draw) * 0.02
+                for j in range(self.settings.experts)}
+
     def receive(self, model, ctx) -> None:
         set_state(model, ctx.received)
         context = model.prompt_context
