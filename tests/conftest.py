@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real CLIPModel directory and a tiny image dataset on disk."""
+"""Shared fixtures: tiny real CLIPModel and VisionTextDualEncoderModel directories and a tiny image
+dataset on disk."""
 
 from __future__ import annotations
 
@@ -57,6 +58,32 @@ def make_tiny_clip_dir(path, image_size=16, layers=2, hidden=32):
     return path
 
 
+def make_tiny_dual_encoder_dir(path, image_size=16, layers=2, hidden=32, text_pooling="mean"):
+    """A real transformers VisionTextDualEncoderModel with random weights: CLIP's ViT beside a BERT
+    text model with its own WordPiece tokenizer (the built-in model's classes, in miniature)."""
+    from transformers import (BertConfig, BertTokenizerFast, CLIPImageProcessor, CLIPVisionConfig,
+                              VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "x", "."] + CLASSES
+    vocab_file = path / "vocab.txt"
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_file.write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                              num_attention_heads=2, image_size=image_size, patch_size=8)
+    text = BertConfig(vocab_size=len(words), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=2 * hidden, max_position_embeddings=32)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=16)
+    config.text_pooling = text_pooling
+    VisionTextDualEncoderModel(config).save_pretrained(path)
+    vocab_file.unlink()
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       ).save_pretrained(path)
+    return path
+
+
 def jpeg_bytes(colour, rng, size=20):
     noise = rng.integers(-25, 25, size=(size, size, 3))
     arr = np.clip(np.array(colour)[None, None, :] + noise, 0, 255).astype(np.uint8)
@@ -98,6 +125,11 @@ def keep_torch_threads():
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     return str(make_tiny_clip_dir(tmp_path_factory.mktemp("tiny-clip")))
+
+
+@pytest.fixture(scope="session")
+def tiny_dual_dir(tmp_path_factory):
+    return str(make_tiny_dual_encoder_dir(tmp_path_factory.mktemp("tiny-dual")))
 
 
 @pytest.fixture(scope="session")

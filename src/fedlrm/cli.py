@@ -149,7 +149,7 @@ def _inference_parsers(sub) -> None:
     pers.set_defaults(func=cmd_personalize)
 
     exp = sub.add_parser("export", help="write a client's model with its LoRA merged into the weights "
-                                        "(a plain transformers CLIPModel folder)")
+                                        "(a plain transformers CLIPModel or VisionTextDualEncoderModel folder)")
     model_args(exp)
     exp.add_argument("--merged", required=True, metavar="OUT", help="the new folder to write")
     exp.set_defaults(func=cmd_export)
@@ -423,8 +423,10 @@ def cmd_export(args) -> int:
     from fedlrm.inference import adapter_folder
 
     out = export_merged(adapter_folder(args.model, args.client), args.merged, args.base_model)
-    print(f"wrote the merged model to {out}; load it with transformers.CLIPModel.from_pretrained({str(out)!r}) "
-          f"or fedlrm.load_personalized({str(out)!r})")
+    from fedlrm.models.backbone import hf_model_class
+
+    print(f"wrote the merged model to {out}; load it with transformers.{hf_model_class(str(out)).__name__}"
+          f".from_pretrained({str(out)!r}) or fedlrm.load_personalized({str(out)!r})")
     return 0
 
 

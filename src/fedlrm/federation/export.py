@@ -6,7 +6,8 @@ model and the model-shaping config. The adapters are in one of two formats:
 - one LoRA per adapted layer (fedavg, fedprox, local, fedpia, f3ocus on the `hf` backend): a
   real peft LoRA adapter, `adapter_config.json` (a LoraConfig) and `adapter_model.safetensors`
   with peft's key names, so `PeftModel.from_pretrained(CLIPModel.from_pretrained(base), folder)`
-  loads it and `export_merged` folds it into a plain CLIPModel folder;
+  loads it (`VisionTextDualEncoderModel` for a dual-encoder base, whose image tower has the same
+  module names) and `export_merged` folds it into a plain folder of that class;
 - mixtures (fedlrm, apfl, fedlease) and open_clip backbones: `fedlrm_adapter.safetensors` with
   fedlrm's own key names and, where the server's message carries more than weights (FedLEASE's
   cluster index), `received.safetensors`. Their gate or router weighs the experts per input,
@@ -85,7 +86,7 @@ def save_personalized(folder: Path, model, cfg, class_names: list[str], client_i
         meta["lora_modules"] = modules
         save_file(weights, folder / PEFT_WEIGHTS_FILE, metadata={"format": "pt"})
         lora = lora_config({peft_module_name(n): next(iter(layer.experts.values())) for n, layer in layers},
-                           _portable_value(base["name"]))
+                           _portable_value(base["name"]), (model.backbone.hf_class, model.backbone.hf_module))
         (folder / PEFT_CONFIG_FILE).write_text(json.dumps(lora, indent=2))
     else:
         save_file({k: v.contiguous().cpu() for k, v in get_state(model).items()}, folder / MIXTURE_WEIGHTS_FILE)
@@ -104,7 +105,8 @@ def peft_module_name(name: str) -> str:
     return HF_TOWER + name[len(OWN_TOWER):]
 
 
-def lora_config(experts: dict[str, LoRAExpert], base_model_name_or_path: str | None) -> dict:
+def lora_config(experts: dict[str, LoRAExpert], base_model_name_or_path: str | None,
+                base_class: tuple[str, str] = ("CLIPModel", "transformers.models.clip.modeling_clip")) -> dict:
     """A peft LoraConfig (as `LoraConfig.save_pretrained` writes it) for these modules' experts;
     ranks or alphas that differ from the most common one go in rank_pattern / alpha_pattern."""
     r = Counter(e.rank for e in experts.values()).most_common(1)[0][0]
@@ -119,7 +121,7 @@ def lora_config(experts: dict[str, LoRAExpert], base_model_name_or_path: str | N
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True,
-        "auto_mapping": {"base_model_class": "CLIPModel", "parent_library": "transformers.models.clip.modeling_clip"},
+        "auto_mapping": {"base_model_class": base_class[0], "parent_library": base_class[1]},
         "r": r, "lora_alpha": alpha, "lora_dropout": max(drops),
         # full module names: only the adapted layers of the vision tower, in the adapted blocks
         "target_modules": sorted(experts),
@@ -293,9 +295,9 @@ def export_merged(folder: str | Path, out: str | Path, base_model: str | None = 
         from peft import PeftModel
     except ImportError as err:
         raise ModelError(f"merging needs peft: pip install 'fedlrm[peft]' ({err})") from None
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    from fedlrm.models.backbone import quiet_transformers, resolve_name
+    from fedlrm.models.backbone import hf_model_class, quiet_transformers, resolve_name
 
     if meta["base_model"]["backend"] != "hf":
         raise ModelError(f"{folder}: only transformers CLIP models can be merged")
@@ -304,7 +306,8 @@ def export_merged(folder: str | Path, out: str | Path, base_model: str | None = 
         try:
             with warnings.catch_warnings():  # peft calls transformers' deprecated names; not the user's to fix
                 warnings.simplefilter("ignore", FutureWarning)
-                merged = PeftModel.from_pretrained(CLIPModel.from_pretrained(name), str(folder)).merge_and_unload()
+                base_model = hf_model_class(name).from_pretrained(name)  # CLIPModel, or a dual encoder
+                merged = PeftModel.from_pretrained(base_model, str(folder)).merge_and_unload()
             tokenizer, processor = AutoTokenizer.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
         except OSError as err:
             raise ModelError(f"could not load the base model {name!r}: {str(err).splitlines()[0]}") from None

@@ -87,7 +87,7 @@ def adapt(bundle: ModelBundle, algorithm: Algorithm, cfg: RunConfig, layout: obj
         context = algorithm.make_prompt(model.backbone.text_width(), layout, model.text_features.shape[-1])
         model.live_text("text" in encoders, context)
         if "text" in encoders:  # the same modules (q, v) in every text block
-            inject_adapters(model.text_encoder[0], cfg.model.target_modules,
+            inject_adapters(model.text_encoder[0], model.backbone.text_target_modules(cfg.model.target_modules),
                             lambda linear: algorithm.make_layer(linear, layout))
         model.to(model.text_features.device)
     keys = list(adapter_parameters(model))

@@ -50,6 +50,10 @@ class Backbone(nn.Module):
         """The width of the text encoder's token embeddings (of a prompt context vector)."""
         raise NotImplementedError
 
+    def text_target_modules(self, names: list[str]) -> list[str]:
+        """`model.target_modules`, as the text encoder's layers are named (CLIP's own: unchanged)."""
+        return list(names)
+
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -107,6 +111,10 @@ class Backbone(nn.Module):
 
 class HFClipBackbone(Backbone):
     """`transformers.CLIPModel`: ViT image tower, text tower and projections."""
+
+    #: the transformers class the checkpoint loads with (peft's base model class in exports)
+    hf_class = "CLIPModel"
+    hf_module = "transformers.models.clip.modeling_clip"
 
     def __init__(self, model, tokenizer, image_processor):
         super().__init__()
@@ -205,6 +213,56 @@ class HFClipBackbone(Backbone):
                 f"\"text_config\" of the checkpoint's config.json (or use the tokenizer saved with the model)")
 
 
+class HFDualEncoderBackbone(HFClipBackbone):
+    """`transformers.VisionTextDualEncoderModel` with CLIP's ViT as its image tower and a BERT-style
+    text encoder (e.g. the sentence-transformers MiniLM the built-in model uses). The image side is
+    CLIP's, module for module; the text side reads the text model's own tokenizer, and pools a
+    prompt as the checkpoint's config says: `text_pooling: mean` (the attention-masked mean of the
+    last hidden states, as sentence-transformers pools) or, by default, the text model's pooler
+    output (what `VisionTextDualEncoderModel.get_text_features` uses)."""
+
+    hf_class = "VisionTextDualEncoderModel"
+    hf_module = "transformers.models.vision_text_dual_encoder.modeling_vision_text_dual_encoder"
+    #: CLIP's attention projection names -> a BERT layer's (text-encoder LoRA, model.target_modules)
+    TEXT_MODULES = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+
+    def __init__(self, model, tokenizer, image_processor):
+        from transformers import CLIPVisionModel
+
+        if not isinstance(model.vision_model, CLIPVisionModel):  # what CLIPModel.vision_model is
+            raise ModelError(f"the dual encoder's image tower is a {type(model.vision_model).__name__}; fedlrm "
+                             "adapts CLIP's vision transformer only (vision_config of model_type clip_vision_model)")
+        super().__init__(model, tokenizer, image_processor)
+        self.text_pooling = getattr(model.config, "text_pooling", "pooler")
+        if self.text_pooling not in ("mean", "pooler"):
+            raise ModelError(f"the checkpoint's config says text_pooling={self.text_pooling!r}; use mean or pooler")
+
+    def encode_text(self, prompts, context=None):
+        text_model, projection = self._text
+        tokens = self._tokenizer(prompts, padding=True, return_tensors="pt")
+        device = projection.weight.device
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        with _context_in(text_model.embeddings.word_embeddings, ids, context, self._tokenizer):
+            out = text_model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+        if self.text_pooling == "mean":
+            weights = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1)
+        else:
+            pooled = out.pooler_output
+        return F.normalize(projection(pooled), dim=-1)
+
+    def text_width(self):
+        return self._text[0].embeddings.word_embeddings.embedding_dim
+
+    def text_target_modules(self, names):
+        return [self.TEXT_MODULES.get(n, n) for n in names]
+
+    def text_pooling_hint(self):
+        return (f"the dual encoder pools each prompt by its text model's {'mean over tokens' if self.text_pooling == 'mean' else 'pooler output'} "
+                f"(text_pooling={self.text_pooling!r} in the checkpoint's config.json); check that the tokenizer is the "
+                "text model's own and that the text model's weights were loaded")
+
+
 class OpenClipBackbone(Backbone):
     """`open_clip` models (optional extra: needs torchvision)."""
 
@@ -299,22 +357,35 @@ def load_backbone(cfg: ModelConfig) -> Backbone:
     raise ModelError(f"unknown model.backend {cfg.backend!r}; use hf or open_clip")
 
 
+def hf_model_class(name: str):
+    """The transformers class a CLIP-style checkpoint loads with: `VisionTextDualEncoderModel` for a
+    dual encoder (config model_type vision-text-dual-encoder), `CLIPModel` otherwise."""
+    from transformers import AutoConfig, CLIPModel, VisionTextDualEncoderModel
+
+    model_type = AutoConfig.from_pretrained(name).model_type
+    return VisionTextDualEncoderModel if model_type == "vision-text-dual-encoder" else CLIPModel
+
+
 def _load_hf(name: str) -> HFClipBackbone:
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionTextDualEncoderModel
 
     looks_local = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
     if looks_local and not Path(name).expanduser().is_dir():
         raise ModelError(f"model.name {name!r} looks like a local path but is not a directory")
+    where = str(Path(name).expanduser()) if looks_local else name
     try:
         with quiet_transformers():  # the PIL-fallback notice for image processors is noise here
-            model = CLIPModel.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
-            tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
-            processor = AutoImageProcessor.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+            model_class = hf_model_class(where)
+            model = model_class.from_pretrained(where)
+            tokenizer = AutoTokenizer.from_pretrained(where)
+            processor = AutoImageProcessor.from_pretrained(where)
     except OSError as err:
         raise ModelError(
             f"could not load the CLIP model {name!r} with transformers: {str(err).splitlines()[0]}. "
             "Give a local directory saved with save_pretrained, or a hub id on a machine with network access."
         ) from err
+    if model_class is VisionTextDualEncoderModel:
+        return HFDualEncoderBackbone(model, tokenizer, processor)
     return HFClipBackbone(model, tokenizer, processor)
 
 
