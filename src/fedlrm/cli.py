@@ -421,10 +421,9 @@ def cmd_personalize(args) -> int:
 def cmd_export(args) -> int:
     from fedlrm.federation.export import export_merged
     from fedlrm.inference import adapter_folder
-
-    out = export_merged(adapter_folder(args.model, args.client), args.merged, args.base_model)
     from fedlrm.models.backbone import hf_model_class
 
+    out = export_merged(adapter_folder(args.model, args.client), args.merged, args.base_model)
     print(f"wrote the merged model to {out}; load it with transformers.{hf_model_class(str(out)).__name__}"
           f".from_pretrained({str(out)!r}) or fedlrm.load_personalized({str(out)!r})")
     return 0

@@ -152,6 +152,19 @@ def compare_entry(cfg: RunConfig, entry: str) -> RunConfig:
     return replace(cfg, algorithm=algorithm, methods={**cfg.methods, algorithm: own})
 
 
+def checked_entries(cfg: RunConfig, algorithms: list[str]) -> dict[str, RunConfig]:
+    """Each compare entry's run config, with each method's own checks (e.g. fedlease.warmup_rounds <
+    train.rounds) passed: a bad setting must not surface after the first methods ran."""
+    if not algorithms:
+        raise ConfigError("give at least one algorithm to compare")
+    if len(set(algorithms)) != len(algorithms):
+        raise ConfigError(f"--algorithms names an entry twice: {', '.join(algorithms)}")
+    entries = {entry: compare_entry(cfg, entry) for entry in algorithms}
+    for entry_cfg in entries.values():
+        check(entry_cfg)
+    return entries
+
+
 def compare_over_seeds(cfg: RunConfig, algorithms: list[str], seeds: list[int], progress: bool = True,
                        console: Console | None = None) -> tuple[Path, list[dict]]:
     """`compare` once per seed (each seed its own split, shots and initialisation), into
@@ -163,10 +176,7 @@ def compare_over_seeds(cfg: RunConfig, algorithms: list[str], seeds: list[int], 
         raise ConfigError(f"--seeds names a seed twice: {', '.join(map(str, seeds))}")
     if len(seeds) == 1:
         return compare(replace(cfg, seed=seeds[0]), algorithms, progress, console)
-    if not algorithms or len(set(algorithms)) != len(algorithms):
-        raise ConfigError(f"--algorithms must name each entry once, got {', '.join(algorithms) or 'none'}")
-    for entry in algorithms:  # every entry's checks before the first seed runs
-        check(compare_entry(cfg, entry))
+    checked_entries(cfg, algorithms)  # every entry's checks before the first seed runs
     name = cfg.name or f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     out = new_run_dir(replace(cfg, name=name))
     per_seed = {}
@@ -190,15 +200,7 @@ def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,
             console: Console | None = None) -> tuple[Path, list[dict]]:
     """Every algorithm on the identical split and seed; one table, one bar chart. An entry may give
     settings of the algorithm's own section (`fedlease+variant=weighted`): it is labelled as written."""
-    if not algorithms:
-        raise ConfigError("give at least one algorithm to compare")
-    if len(set(algorithms)) != len(algorithms):
-        raise ConfigError(f"--algorithms names an entry twice: {', '.join(algorithms)}")
-    entries = {entry: compare_entry(cfg, entry) for entry in algorithms}
-    # Each method's own checks (e.g. fedlease.warmup_rounds < train.rounds) and the folder, before
-    # anything loads or is written: a bad setting must not surface after the first methods ran.
-    for entry_cfg in entries.values():
-        check(entry_cfg)
+    entries = checked_entries(cfg, algorithms)
     name = cfg.name or f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     check_run_dir(replace(cfg, name=name))
     # One data load for all: the same clients, images and test sets for every method.

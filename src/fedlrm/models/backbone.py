@@ -186,15 +186,22 @@ class HFClipBackbone(Backbone):
         tokens = self._tokenizer(prompts, padding=True, return_tensors="pt")
         device = projection.weight.device
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        with _context_in(text_model.embeddings.token_embedding, ids, context, self._tokenizer):
-            pooled = text_model(input_ids=ids, attention_mask=mask).pooler_output
+        with _context_in(self._token_embedding(), ids, context, self._tokenizer):
+            pooled = self._pooled(ids, mask)
         return F.normalize(projection(pooled), dim=-1)
+
+    def _token_embedding(self) -> nn.Embedding:
+        return self._text[0].embeddings.token_embedding
+
+    def _pooled(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A prompt's text-model output before the projection (CLIP: the end-of-text token's state)."""
+        return self._text[0](input_ids=ids, attention_mask=mask).pooler_output
 
     def text_tower(self):
         return list(self._text)
 
     def text_width(self):
-        return self._text[0].embeddings.token_embedding.embedding_dim
+        return self._token_embedding().embedding_dim
 
     def preprocess(self, images):
         return self._processor(images=images, return_tensors="pt")["pixel_values"].float()
@@ -237,22 +244,15 @@ class HFDualEncoderBackbone(HFClipBackbone):
         if self.text_pooling not in ("mean", "pooler"):
             raise ModelError(f"the checkpoint's config says text_pooling={self.text_pooling!r}; use mean or pooler")
 
-    def encode_text(self, prompts, context=None):
-        text_model, projection = self._text
-        tokens = self._tokenizer(prompts, padding=True, return_tensors="pt")
-        device = projection.weight.device
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        with _context_in(text_model.embeddings.word_embeddings, ids, context, self._tokenizer):
-            out = text_model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
-        if self.text_pooling == "mean":
-            weights = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-            pooled = (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1)
-        else:
-            pooled = out.pooler_output
-        return F.normalize(projection(pooled), dim=-1)
+    def _token_embedding(self):
+        return self._text[0].embeddings.word_embeddings
 
-    def text_width(self):
-        return self._text[0].embeddings.word_embeddings.embedding_dim
+    def _pooled(self, ids, mask):
+        out = self._text[0](input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+        if self.text_pooling == "pooler":
+            return out.pooler_output
+        weights = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1)
 
     def text_target_modules(self, names):
         return [self.TEXT_MODULES.get(n, n) for n in names]

@@ -80,22 +80,29 @@ def format_row(summary: dict, columns: list[tuple[str, str, str]] | None = None)
     return cells
 
 
-def markdown_table(summaries: list[dict]) -> str:
-    columns = compare_columns(summaries)
-    head = [title for _, title, _ in columns]
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(format_row(s, columns)) + " |" for s in summaries]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
 
 
-def print_table(summaries: list[dict], title: str, console: Console | None = None) -> None:
+def _print(head: list[str], rows: list[list[str]], title: str, console: Console | None) -> None:
     table = Table(title=title)
-    columns = compare_columns(summaries)
-    for i, (_, name, _) in enumerate(columns):
+    for i, name in enumerate(head):
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
-    for s in summaries:
-        table.add_row(*format_row(s, columns))
+    for cells in rows:
+        table.add_row(*cells)
     (console or wide_console()).print(table)
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    columns = compare_columns(summaries)
+    return _markdown([title for _, title, _ in columns], [format_row(s, columns) for s in summaries])
+
+
+def print_table(summaries: list[dict], title: str, console: Console | None = None) -> None:
+    columns = compare_columns(summaries)
+    _print([title for _, title, _ in columns], [format_row(s, columns) for s in summaries], title, console)
 
 
 #: what the table over seeds shows of each method, as mean ± std (per-domain figures join them)
@@ -135,10 +142,10 @@ def over_seeds(per_seed: dict[int, list[dict]]) -> list[dict]:
 
 
 def _seed_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    own = [(k[:-5], k[:-5]) for k in keys if k.endswith("/mean")]
-    titles = {k: (t, f) for k, t, f in compare_columns([{k: 0 for k, _ in own}])}
-    return [(k, titles[k][0], titles[k][1]) for k, _ in own if k in titles]
+    """The compare table's (key, title, format) of each figure the rows hold a mean of, in their order."""
+    means = [k[:-len("/mean")] for k in dict.fromkeys(k for r in rows for k in r) if k.endswith("/mean")]
+    titles = {key: (key, title, fmt) for key, title, fmt in compare_columns([dict.fromkeys(means, 0)])}
+    return [titles[k] for k in means if k in titles]
 
 
 def _seed_cells(row: dict, columns: list[tuple[str, str, str]], seed_keys: list[str]) -> list[str]:
@@ -151,28 +158,20 @@ def _seed_cells(row: dict, columns: list[tuple[str, str, str]], seed_keys: list[
     return cells
 
 
-def _seed_layout(rows: list[dict]):
+def _seed_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The head and cells of the table over seeds: mean ± std of each figure, then each seed's accuracy."""
     columns = _seed_columns(rows)
     seed_keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("acc_weighted/seed-")))
     head = ["method"] + [title for _, title, _ in columns] + [f"seed {k.rsplit('-', 1)[1]} %" for k in seed_keys]
-    return columns, seed_keys, head
+    return head, [_seed_cells(r, columns, seed_keys) for r in rows]
 
 
 def seeds_markdown(rows: list[dict]) -> str:
-    columns, seed_keys, head = _seed_layout(rows)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_seed_cells(r, columns, seed_keys)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return _markdown(*_seed_table(rows))
 
 
 def print_seed_table(rows: list[dict], title: str, console: Console | None = None) -> None:
-    columns, seed_keys, head = _seed_layout(rows)
-    table = Table(title=title)
-    for i, name in enumerate(head):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*_seed_cells(r, columns, seed_keys))
-    (console or wide_console()).print(table)
+    _print(*_seed_table(rows), title, console)
 
 
 def wide_console() -> Console:
