@@ -37,7 +37,7 @@ def test_the_wheel_holds_configs_flower_app_model_and_data(wheel):
     for needed in ("fedlrm/configs/paper/cifar10.yaml", "fedlrm/configs/paper/caltech101.yaml",
                    "fedlrm/federation/flower/app/pyproject.toml",
                    "fedlrm/federation/flower/server_app.py", "fedlrm/federation/flower/client_app.py",
-                   "fedlrm/assets/tiny-clip/config.json", "fedlrm/assets/tiny-clip/model.safetensors",
+                   "fedlrm/assets/tiny-clip/config.json", "fedlrm/assets/tiny-clip/trained.safetensors",
                    "fedlrm/assets/cifar10-subset/train.parquet", "fedlrm/assets/cifar10-subset/test.parquet"):
         assert needed in names, f"{needed} is missing from {wheel.name}"
 

@@ -1,8 +1,10 @@
-"""The tiny-CLIP pretraining recipe (fedlrm.pretrain) and the assets it ships.
+"""The built-in backbone's pretraining recipe (fedlrm pretrain), the assets it ships, how they
+join with the text package into a from_pretrained folder, and the rule that a federation never
+trains on a pretraining image.
 
-The recipe tests run on a synthetic CIFAR-like data directory built here (JPEG 32x32,
-Hugging Face image parquet layout), so they need neither ../shared/datasets nor the
-committed assets; the tests of the committed assets skip when those are absent.
+The recipe tests run on synthetic CIFAR-10- and Caltech101-like files built here (JPEG, Hugging
+Face image parquet layout) with a miniature image tower, so they need neither ../shared/datasets
+nor the committed assets; the tests of the committed assets skip when those are absent.
 """
 
 from __future__ import annotations
@@ -20,28 +22,33 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 from PIL import Image  # noqa: E402
 
-from fedlrm.errors import DataError  # noqa: E402
+from fedlrm.config import DataConfig  # noqa: E402
+from fedlrm.data import load_federated_data  # noqa: E402
+from fedlrm.data.pretraining import PretrainedOn, decode_rows, encode_rows  # noqa: E402
+from fedlrm.errors import DataError, FedLRMError  # noqa: E402
+from fedlrm.models import builtin  # noqa: E402
 from fedlrm.tools import pretrain  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-TINY_ARGS = ["--pretrain-images", "64", "--epochs", "1", "--batch-size", "32", "--subset-train-per-class", "2",
-             "--subset-test-per-class", "2", "--threads", "1", "--no-progress"]
+CALTECH_NAMES = ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "airplanes", "ant", "car_side", "yin_yang"]
+TINY_ARGS = ["--epochs", "1", "--batch-size", "32", "--subset-train-per-class", "2", "--subset-test-per-class", "2",
+             "--image-size", "16", "--patch-size", "8", "--vision-width", "32", "--vision-layers", "1",
+             "--vision-heads", "2", "--projection-dim", "16", "--heldout-classes", "2", "--threads", "1",
+             "--no-progress"]
 
 
-def _write_split(path: Path, per_class: int, seed: int) -> None:
+def _write_split(path: Path, names: list[str], per_class: int, seed: int, size: tuple[int, int]) -> None:
     rng = np.random.default_rng(seed)
-    names = pretrain.CIFAR10_NAMES
     images, labels = [], []
     for i in range(per_class * len(names)):
         label = i % len(names)
         colour = np.array([(label * 37) % 256, (label * 91) % 256, (label * 151) % 256])
-        pixels = np.clip(colour + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+        pixels = np.clip(colour + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
         images.append({"bytes": buf.getvalue(), "path": f"{names[label]}/{i:04d}.jpg"})
         labels.append(label)
-    meta = {"info": {"features": {"image": {"_type": "Image"},
-                                  "label": {"_type": "ClassLabel", "names": names}}}}
+    meta = {"info": {"features": {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": names}}}}
     table = pa.table({"image": pa.array(images, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
                       "label": pa.array(labels, type=pa.int64())})
     pq.write_table(table.replace_schema_metadata({"huggingface": json.dumps(meta)}), path)
@@ -50,8 +57,10 @@ def _write_split(path: Path, per_class: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    _write_split(root / pretrain.TRAIN_FILE, per_class=12, seed=1)
-    _write_split(root / pretrain.TEST_FILE, per_class=4, seed=2)
+    _write_split(root / "cifar10-train.parquet", pretrain.CIFAR10_NAMES, 12, 1, (32, 32))
+    _write_split(root / "cifar10-test.parquet", pretrain.CIFAR10_NAMES, 4, 2, (32, 32))
+    _write_split(root / "caltech101-train.parquet", CALTECH_NAMES, 7, 3, (40, 30))
+    _write_split(root / "caltech101-test.parquet", CALTECH_NAMES, 3, 4, (30, 40))
     return root
 
 
@@ -67,181 +76,199 @@ def tiny_run(tiny_data, tmp_path_factory):
     return out, _run(tiny_data, out)
 
 
-def _load(model_dir: Path):
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-    return (CLIPModel.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(model_dir)),
-            AutoImageProcessor.from_pretrained(str(model_dir)))
-
-
-def _check_model_dir(model_dir: Path) -> None:
-    model, tokenizer, processor = _load(model_dir)
-    vision, text = model.config.vision_config, model.config.text_config
-    assert (vision.image_size, vision.patch_size) == (32, 4)
-    assert processor.crop_size["height"] == processor.crop_size["width"] == 32
-    assert text.vocab_size == len(tokenizer)
-    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    assert text.eos_token_id != 2  # 2 selects transformers' legacy argmax pooling
-    # the text tower pools at the eos of each (right-padded) prompt
-    tokens = tokenizer(["a cat.", "a blurry photo of a automobile."], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        out = model.text_model(**tokens)
-    eos = (tokens["input_ids"] == tokenizer.eos_token_id).int().argmax(-1)
-    assert eos[0] < tokens["input_ids"].shape[1] - 1  # the short prompt is padded after its eos
-    assert torch.equal(out.pooler_output, out.last_hidden_state[torch.arange(2), eos])
-    pixels = processor(images=[Image.new("RGB", (32, 32), (10, 200, 30))], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        logits = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                       pixel_values=pixels).logits_per_image
-    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
-    assert (model_dir / "model.safetensors").stat().st_size < 10_000_000
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FEDLRM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
-def test_output_directory_loads(tiny_run):
-    out, record = tiny_run
-    _check_model_dir(out / "tiny-clip")
-    assert json.loads((out / "tiny-clip" / "PRETRAIN.json").read_text()) == json.loads(json.dumps(record))
-    assert record["reload_check"]["agree"] and record["reload_check"]["pixel_max_abs_diff"] == 0
-    for key in ("cifar10_test_full", "cifar10_subset_test"):
-        assert 0 <= record["zero_shot"][key]["accuracy"] <= 1
-    assert record["arguments"]["pretrain_images"] == 64 and record["versions"]["torch"]
-
-
-def test_subset_layout_and_disjointness(tiny_run, tiny_data):
-    import datasets
-
-    out, record = tiny_run
-    subset = out / "cifar10-subset"
-    source = json.loads((subset / "SOURCE.json").read_text())
-    for split, per_class in (("train", 2), ("test", 2)):
-        ds = datasets.load_dataset("parquet", data_files=str(subset / f"{split}.parquet"), split="train",
-                                   cache_dir=str(out / ".hf-cache"))
-        assert ds.features["label"].names == pretrain.CIFAR10_NAMES
-        assert sorted(ds["label"]) == sorted(list(range(10)) * per_class)
-        assert ds[0]["image"].size == (32, 32)
-        original = pq.read_table(tiny_data / source[split]["source_file"])
-        rows = original.take(pa.array(source[split]["indices"]))
-        assert rows.column("image").to_pylist() == pq.read_table(subset / f"{split}.parquet").column("image").to_pylist()
-    used = pretrain.pretrain_indices(record)
-    assert len(used) == 64
-    assert not set(used.tolist()) & set(source["train"]["indices"])
-
-
-def test_same_seed_same_weights(tiny_run, tiny_data, tmp_path):
+def test_the_asset_holds_only_what_was_trained_and_joins_into_a_dual_encoder(tiny_run, cache):
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer, VisionTextDualEncoderModel
 
-    out_a, record_a = tiny_run
+    out, record = tiny_run
+    asset = out / "tiny-clip"
+    assert not (asset / "model.safetensors").exists()  # from_pretrained on the bare asset fails, never half-loads
+    trained = load_file(asset / builtin.TRAINED_FILE)
+    assert trained and not any(k.startswith("text_model.") for k in trained)
+    assert {"visual_projection.weight", "text_projection.weight", "logit_scale"} <= set(trained)
+    assert record["model"]["trained_parameters"] == sum(v.numel() for v in trained.values())
+    assert json.loads((asset / "config.json").read_text())["text_pooling"] == "mean"
+
+    joined = builtin.builtin_model_dir(asset)
+    assert joined.parent.parent == cache and builtin.builtin_model_dir(asset) == joined  # made once, then reused
+    model = VisionTextDualEncoderModel.from_pretrained(joined)
+    text = load_file(builtin.text_model_dir() / "model.safetensors")
+    state = model.state_dict()
+    assert torch.equal(state["text_model.encoder.layer.0.attention.self.query.weight"],
+                       text["encoder.layer.0.attention.self.query.weight"])
+    for key, value in trained.items():
+        assert torch.equal(state[key], value), key
+    tokenizer = AutoTokenizer.from_pretrained(joined)
+    assert tokenizer("a photo of a yin yang.")["input_ids"][0] == tokenizer.cls_token_id  # the text model's WordPiece
+    assert record["reload_check"]["agree"] and record["reload_check"]["num_images"] == 20
+
+
+def test_the_joined_folder_refuses_a_text_model_other_than_the_recorded_one(tiny_run, cache, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    asset = tmp_path / "asset"
+    shutil.copytree(out / "tiny-clip", asset)
+    record = json.loads((asset / "PRETRAIN.json").read_text())
+    record["text_model"]["sha256"] = "0" * 64
+    (asset / "PRETRAIN.json").write_text(json.dumps(record))
+    with pytest.raises(FedLRMError, match="not the text encoder"):
+        builtin.builtin_model_dir(asset)
+    assert not any((cache / "builtin").glob("tiny-clip-*")) if (cache / "builtin").exists() else True
+
+
+def test_pretraining_rows_hold_out_the_subset_the_held_out_classes_and_half_of_each_class(tiny_run, tiny_data):
+    out, record = tiny_run
+    source = json.loads((out / "cifar10-subset" / "SOURCE.json").read_text())
+    on = PretrainedOn.read(out / "tiny-clip")
+    cifar = on.rows_of(tiny_data / "cifar10-train.parquet")
+    subset = np.array(source["train"]["indices"])
+    assert len(subset) == 20 and not np.intersect1d(cifar, subset).size
+    assert sorted(np.concatenate([cifar, subset]).tolist()) == list(range(120))  # every other CIFAR image
+
+    caltech = on.rows_of(tiny_data / "caltech101-train.parquet")
+    labels = pq.read_table(tiny_data / "caltech101-train.parquet").column("label").to_numpy()
+    held = record["held_out_classes"]["names"]
+    assert len(held) == 2 and not {"BACKGROUND_Google", "Faces_easy"} & set(held)
+    counts = {CALTECH_NAMES[c]: n for c, n in zip(*np.unique(labels[caltech], return_counts=True))}
+    pretrained = [n for n in CALTECH_NAMES if n not in held and n not in ("BACKGROUND_Google", "Faces_easy")]
+    assert counts == {n: 3 for n in pretrained}  # int(0.5 * 7) of each, none of the others
+    zs = record["zero_shot"]
+    assert zs["caltech101_test"]["classes"] == 6 and zs["caltech101_held_out_classes"]["classes"] == held
+    assert zs["cifar10_test"]["images"] == 40 and 0 <= zs["cifar10_test"]["accuracy"] <= 1
+
+
+def test_federations_leave_out_every_pretraining_image(tiny_run, tiny_data):
+    out, _ = tiny_run
+    on = PretrainedOn.read(out / "tiny-clip")
+
+    def used_rows(name: str, **kw) -> np.ndarray:
+        cfg = DataConfig(source="parquet", train=str(tiny_data / f"{name}-train.parquet"),
+                         test=str(tiny_data / f"{name}-test.parquet"), num_clients=2, shots=0,
+                         test_per_client=None, **kw)
+        data = load_federated_data(cfg, lambda images: torch.zeros(len(images), 3, 4, 4), 0, pretrained_on=on)
+        return np.concatenate([c.train.rows for c in data.clients])
+
+    for name in ("cifar10", "caltech101"):
+        seen = on.rows_of(tiny_data / f"{name}-train.parquet")
+        kept = used_rows(name, exclude_classes=["BACKGROUND_Google", "Faces_easy"] if name == "caltech101" else [])
+        assert len(kept) and not np.intersect1d(kept, seen).size
+        assert np.intersect1d(used_rows(name, exclude_pretraining=False), seen).size == len(seen)  # opt-out keeps them
+    subset = json.loads((out / "cifar10-subset" / "SOURCE.json").read_text())["train"]["indices"]
+    assert sorted(used_rows("cifar10").tolist()) == sorted(subset)
+
+
+def test_a_file_named_like_a_pretraining_file_with_other_contents_gets_a_warning(tiny_run, tmp_path):
+    out, _ = tiny_run
+    on = PretrainedOn.read(out / "tiny-clip")
+    other = tmp_path / "cifar10-train.parquet"
+    _write_split(other, pretrain.CIFAR10_NAMES, 12, 99, (32, 32))
+    _write_split(tmp_path / "test.parquet", pretrain.CIFAR10_NAMES, 2, 98, (32, 32))
+    cfg = DataConfig(source="parquet", train=str(other), test=str(tmp_path / "test.parquet"), num_clients=2,
+                     shots=0, test_per_client=None)
+    with pytest.warns(UserWarning, match="name of a file the backbone was pretrained on"):
+        load_federated_data(cfg, lambda images: torch.zeros(len(images), 3, 4, 4), 0, pretrained_on=on)
+
+
+def test_row_bitmaps_round_trip():
+    rows = np.array([0, 3, 8, 9, 1023])
+    assert decode_rows(encode_rows(rows, 1024), 1024).tolist() == rows.tolist()
+    assert decode_rows(encode_rows(np.zeros(0, dtype=np.int64), 5), 5).tolist() == []
+
+
+def test_same_arguments_give_identical_weights_and_another_seed_others(tiny_run, tiny_data, tmp_path):
+    out_a, _ = tiny_run
     _run(tiny_data, tmp_path / "b")
     _run(tiny_data, tmp_path / "c", "--seed", "1")
-    a = load_file(out_a / "tiny-clip" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "tiny-clip" / "model.safetensors")
-    c = load_file(tmp_path / "c" / "tiny-clip" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], c[k]) for k in a)
-    for name in ("train.parquet", "test.parquet", "SOURCE.json"):
-        assert (out_a / "cifar10-subset" / name).read_bytes() == (tmp_path / "b" / "cifar10-subset" / name).read_bytes()
-    for name in ("tokenizer.json", "config.json", "preprocessor_config.json"):
-        assert (out_a / "tiny-clip" / name).read_bytes() == (tmp_path / "b" / "tiny-clip" / name).read_bytes()
+    name = builtin.TRAINED_FILE
+    a, b, c = ((d / "tiny-clip" / name).read_bytes() for d in (out_a, tmp_path / "b", tmp_path / "c"))
+    assert a == b and a != c
+    for f in ("train.parquet", "test.parquet", "SOURCE.json"):
+        assert (out_a / "cifar10-subset" / f).read_bytes() == (tmp_path / "b" / "cifar10-subset" / f).read_bytes()
 
 
-def test_tokenizer_class_names():
-    tok = pretrain.build_tokenizer()
-    unk = tok.unk_token_id
-
-    def ids(name):
-        return tok(pretrain.EVAL_TEMPLATE.format(name))["input_ids"]
-
-    cifar = {tuple(ids(n)) for n in pretrain.CIFAR10_NAMES}
-    assert len(cifar) == 10  # distinct prompts for distinct class names
-    words = [tok(n, add_special_tokens=False)["input_ids"] for n in pretrain.CALTECH101_NAMES]
-    assert all(w and unk not in w for w in words)
-    normalised = {n.lower().replace("_", " ") for n in pretrain.CALTECH101_NAMES}
-    assert len({tuple(w) for w in words}) == len(normalised)
-    for unseen in ("xylophone", "zebra", "quokka", "great white shark"):
-        w = tok(unseen, add_special_tokens=False)["input_ids"]
-        assert w and unk not in w  # decomposes into sub-words, never one unknown token
-    full = ids("airplane")
-    assert full[0] == tok.bos_token_id and full[-1] == tok.eos_token_id
-    assert tok.decode(full, skip_special_tokens=True).replace(" .", ".") == "a photo of a airplane."
-    # the learner is deterministic
-    assert pretrain.build_tokenizer().backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+def test_missing_files_and_bad_arguments_are_clear_errors_that_write_nothing(tiny_data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="caltech101-train.parquet"):
+        _run(empty, tmp_path / "out")
+    for extra, message in ((["--image-size", "20"], "multiple of --patch-size"),
+                           (["--caltech-fraction", "1"], "between 0 and 1"),
+                           (["--heldout-classes", "6"], "no Caltech101 class")):
+        with pytest.raises(FedLRMError, match=message):
+            _run(tiny_data, tmp_path / "out", *extra)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_preprocessing_matches_image_processor():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    processor = pretrain.build_image_processor()
-    expected = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")["pixel_values"]
-    assert torch.equal(pretrain.to_pixel_values(images), expected.float())
+def test_the_command_line_exits_2_on_missing_data(tmp_path, capsys):
+    from fedlrm.cli import main
 
-
-def test_index_bitmap_roundtrip():
-    rows = np.array([0, 3, 7, 8, 49_999])
-    assert np.array_equal(pretrain.decode_indices(pretrain.encode_indices(rows, 50_000), 50_000), rows)
-
-
-def test_missing_data_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(DataError, match="--data"):
-        pretrain.resolve_data_dir(tmp_path)
-    assert pretrain.main(["--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "cifar10-train.parquet" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_caltech_names_match_shared_metadata():
-    path = SHARED / "caltech101-train.parquet"
-    if not path.is_file():
-        pytest.skip(f"{path} is not available")
-    meta = json.loads(pq.read_schema(path).metadata[b"huggingface"])
-    assert meta["info"]["features"]["label"]["names"] == pretrain.CALTECH101_NAMES
 
 
 # ------------------------------------------------------------- committed assets
 
 
 def _shipped():
-    from fedlrm.config import ASSETS, BUILTIN_DATASET_DIR
+    from fedlrm.config import BUILTIN_DATASET_DIR
 
-    model_dir = ASSETS / "tiny-clip"
-    if not (model_dir / "PRETRAIN.json").is_file() or not (BUILTIN_DATASET_DIR / "SOURCE.json").is_file():
+    if not (builtin.ASSET_DIR / "PRETRAIN.json").is_file() or not (BUILTIN_DATASET_DIR / "SOURCE.json").is_file():
         pytest.skip("the committed assets are absent (run `fedlrm pretrain`)")
-    return model_dir, BUILTIN_DATASET_DIR
+    return builtin.ASSET_DIR, BUILTIN_DATASET_DIR, json.loads((builtin.ASSET_DIR / "PRETRAIN.json").read_text())
 
 
-def test_shipped_model_loads():
-    model_dir, _ = _shipped()
-    _check_model_dir(model_dir)
-    record = json.loads((model_dir / "PRETRAIN.json").read_text())
-    assert record["reload_check"]["agree"]
-    assert record["zero_shot"]["cifar10_test_full"]["images"] == 10_000
-    assert record["zero_shot"]["cifar10_test_full"]["accuracy"] > 0.3
+def test_the_shipped_asset_is_small_and_records_its_recipe():
+    model_dir, _, record = _shipped()
+    assert sum(p.stat().st_size for p in model_dir.iterdir()) < 20e6
+    assert record["recipe_version"] == 2 and record["reload_check"]["agree"]
+    assert record["arguments"]["image_size"] == 64
+    assert record["zero_shot"]["cifar10_test"]["images"] == 10_000
+    assert record["zero_shot"]["caltech101_test"]["classes"] == 100
 
 
-def test_shipped_subset_disjoint_from_pretraining(tmp_path):
-    import datasets
-
-    model_dir, subset_dir = _shipped()
-    record = json.loads((model_dir / "PRETRAIN.json").read_text())
+def test_the_shipped_subset_is_disjoint_from_pretraining():
+    model_dir, subset_dir, record = _shipped()
     source = json.loads((subset_dir / "SOURCE.json").read_text())
-    used = set(pretrain.pretrain_indices(record).tolist())
-    assert len(used) == record["pretrain_rows"]["count"]
+    entry = next(e for e in record["pretrain_rows"] if e["source_file"] == "cifar10-train.parquet")
+    assert entry["source_sha256"] == source["train"]["source_sha256"]
+    used = set(decode_rows(entry["bitmap"], entry["num_rows"]).tolist())
+    assert len(used) == entry["count"] == 47_000
     subset_train = source["train"]["indices"]
-    assert len(subset_train) == len(set(subset_train)) == 3000 and len(source["test"]["indices"]) == 2000
-    assert not used & set(subset_train)
+    assert len(subset_train) == len(set(subset_train)) == 3000 and not used & set(subset_train)
     for split, n in (("train", 3000), ("test", 2000)):
-        path = subset_dir / f"{split}.parquet"
-        assert pq.read_metadata(path).num_rows == n
-        names = json.loads(pq.read_schema(path).metadata[b"huggingface"])["info"]["features"]["label"]["names"]
-        assert names == pretrain.CIFAR10_NAMES
-    ds = datasets.load_dataset("parquet", data_files={"train": str(subset_dir / "train.parquet")},
-                               cache_dir=str(tmp_path))["train"]
-    assert ds.features["label"].names == pretrain.CIFAR10_NAMES
-    assert np.bincount(ds["label"]).tolist() == [300] * 10
+        assert pq.read_metadata(subset_dir / f"{split}.parquet").num_rows == n
 
 
-def test_shipped_subset_rows_are_the_recorded_source_rows():
-    _, subset_dir = _shipped()
+@pytest.mark.parametrize("name", ["cifar10", "caltech101"])
+def test_federations_on_the_shared_files_train_on_no_pretraining_image(name):
+    model_dir, subset_dir, _ = _shipped()
+    train, test = SHARED / f"{name}-train.parquet", SHARED / f"{name}-test.parquet"
+    if not train.is_file():
+        pytest.skip(f"{train} is not available")
+    on = PretrainedOn.read(model_dir)
+    seen = on.rows_of(train)
+    assert seen is not None and len(seen) > 0  # recognised by content
+    cfg = DataConfig(source="parquet", train=str(train), test=str(test), shots=16, test_per_client=None,
+                     verify_images=False,
+                     exclude_classes=["BACKGROUND_Google", "Faces_easy"] if name == "caltech101" else [])
+    data = load_federated_data(cfg, lambda images: torch.zeros(len(images), 3, 4, 4), 0, pretrained_on=on)
+    used = np.concatenate([c.train.rows for c in data.clients])
+    assert len(used) and not np.intersect1d(used, seen).size
+    if name == "cifar10":
+        subset = json.loads((subset_dir / "SOURCE.json").read_text())["train"]["indices"]
+        assert set(used.tolist()) <= set(subset)
+
+
+def test_the_shipped_subset_rows_are_the_recorded_source_rows():
+    _, subset_dir, _ = _shipped()
     source = json.loads((subset_dir / "SOURCE.json").read_text())
     for split in ("train", "test"):
         src = SHARED / source[split]["source_file"]

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedlrm.tools import pretrain
 
-    pre = sub.add_parser("pretrain", help="pretrain the built-in tiny CLIP on offline CIFAR-10")
+    pre = sub.add_parser("pretrain", help="pretrain the built-in backbone on offline CIFAR-10 and Caltech101")
     pretrain.add_arguments(pre)
     pre.set_defaults(func=lambda a: (pretrain.run(a), 0)[1])
 

@@ -117,6 +117,10 @@ class DataConfig:
     image_column: str = "image"
     label_column: str = "label"
     exclude_classes: list[str] = field(default_factory=list)
+    # Leave out of the train split the images the backbone was pretrained on, where its folder
+    # records them (the built-in model does, for the CIFAR-10 and Caltech101 Parquet files it
+    # was pretrained on; files are recognised by their sha256), so no client trains on them.
+    exclude_pretraining: bool = True
     num_clients: int = 10
     partition: str = "shard"  # shard | dirichlet | classes
     shards_per_client: int = 2

@@ -204,7 +204,8 @@ def compare(cfg: RunConfig, algorithms: list[str], progress: bool = True,
     name = cfg.name or f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     check_run_dir(replace(cfg, name=name))
     # One data load for all: the same clients, images and test sets for every method.
-    data = load_federated_data(cfg.data, load_backbone(cfg.model).preprocess, cfg.seed)
+    backbone = load_backbone(cfg.model)
+    data = load_federated_data(cfg.data, backbone.preprocess, cfg.seed, pretrained_on=backbone.pretrained_on)
     out = new_run_dir(replace(cfg, name=name))
     summaries, runs = [], {}
     for i, algorithm in enumerate(algorithms, 1):

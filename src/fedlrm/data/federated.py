@@ -14,6 +14,7 @@ from fedlrm.config import DataConfig
 from fedlrm.data import partition as part
 from fedlrm.data.imageset import (ClientSplit, Domain, FederatedData, ImagePool, ImageSet, Preprocess,
                                   preprocess_images)
+from fedlrm.data.pretraining import PretrainedOn
 from fedlrm.data.sources import Split, _short, load_source, readable
 from fedlrm.errors import DataError
 
@@ -27,24 +28,26 @@ _CHUNK = 256  # images decoded and preprocessed at a time
 
 
 def load_federated_data(cfg: DataConfig, preprocess: Preprocess, seed: int, *,
-                        cache_limit_bytes: int | None = None) -> FederatedData:
+                        cache_limit_bytes: int | None = None,
+                        pretrained_on: PretrainedOn | None = None) -> FederatedData:
     """Read `cfg`'s dataset, split its train split among the clients (seeded by `seed`),
     draw each client's test set and the global test set, and (with `data.verify_images`)
     decode every image used once, so a bad file is named before a run writes anything.
 
     Images are preprocessed when first used, not here: a round costs what its sampled clients
     cost, not what all of them would. Preprocessed images are kept in memory if all of them
-    would fit the budget."""
+    would fit the budget. With `pretrained_on` (the backbone's record of its pretraining images) and
+    `data.exclude_pretraining`, the train rows the backbone was pretrained on are never used."""
     cfg.check()  # the settings themselves; what depends on the data is checked where it is used
     limit = CACHE_LIMIT_BYTES if cache_limit_bytes is None else cache_limit_bytes
     if not cfg.domains:
-        return _load_one(cfg, preprocess, seed, limit)
+        return _load_one(cfg, preprocess, seed, limit, pretrained_on)
     # every domain gets its share of the memory budget; each is split with the run's seed, as it
     # would be alone, so a domain's clients are those of a federation of that source only
     loaded = []
     for label, domain_cfg in cfg.domain_configs():
         try:
-            loaded.append((label, _load_one(domain_cfg, preprocess, seed, limit // len(cfg.domains))))
+            loaded.append((label, _load_one(domain_cfg, preprocess, seed, limit // len(cfg.domains), pretrained_on)))
         except DataError as err:
             raise DataError(f"data.domains ({label}): {err}") from None
     return merge_domains(loaded)
@@ -88,11 +91,14 @@ def merge_domains(loaded: list[tuple[str, FederatedData]]) -> FederatedData:
     return FederatedData(names, clients, None, domains)
 
 
-def _load_one(cfg: DataConfig, preprocess: Preprocess, seed: int, limit: int) -> FederatedData:
+def _load_one(cfg: DataConfig, preprocess: Preprocess, seed: int, limit: int,
+              pretrained_on: PretrainedOn | None) -> FederatedData:
     started = time.perf_counter()
     source = load_source(cfg)
     names, train_labels, test_labels = _exclude(source.class_names, source.train.labels,
                                                 source.test.labels, cfg.exclude_classes)
+    if cfg.exclude_pretraining and pretrained_on is not None:
+        train_labels = _drop_pretraining(train_labels, source.train, pretrained_on)
     train_rows = np.flatnonzero(train_labels >= 0)
     test_rows = np.flatnonzero(test_labels >= 0)
     if len(train_rows) == 0:
@@ -180,6 +186,28 @@ def _exclude(names: list[str], train: np.ndarray, test: np.ndarray,
     new_id = np.full(len(names), -1, dtype=np.int64)
     new_id[kept] = np.arange(len(kept))
     return [names[i] for i in kept], new_id[train], new_id[test]
+
+
+def _drop_pretraining(labels: np.ndarray, split: Split, pretrained_on: PretrainedOn) -> np.ndarray:
+    """`labels` with -1 (unused) at the rows of `split` the backbone was pretrained on."""
+    if split.file is None:
+        return labels
+    rows = pretrained_on.rows_of(split.file)
+    if rows is None:
+        if pretrained_on.same_name(split.file):
+            warnings.warn(f"the {split.where} has the name of a file the backbone was pretrained on, but other "
+                          f"contents, so no image is recognised as a pretraining image; if it is a copy of that "
+                          f"file (re-encoded or reordered), the federation may train on images the backbone has "
+                          f"seen", stacklevel=3)
+        return labels
+    if len(rows) and rows.max() >= len(labels):
+        raise DataError(f"the backbone's record of its pretraining images names row {rows.max()} of the "
+                        f"{split.where}, which has {len(labels)} rows; the record does not fit the file")
+    labels = labels.copy()
+    labels[rows] = -1
+    log.info("data: %d train images of %s left out: the backbone was pretrained on them "
+             "(data.exclude_pretraining=false keeps them)", len(rows), split.file.name)
+    return labels
 
 
 def _verify(split: Split, rows: np.ndarray) -> None:

@@ -31,6 +31,7 @@ class Split:
 
     where: str  # human-readable origin, e.g. "train split (/data/cifar10-train.parquet)"
     labels: np.ndarray  # int64, one per row
+    file: Path | None = None  # the one file the split was read from, where there is one
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -211,8 +212,10 @@ def _load(builder: str, data_files: Any, where: str, **kwargs: Any) -> Any:
 def _parquet(train: Path, test: Path, cfg: DataConfig) -> Source:
     tr = _load("parquet", str(train), f"train split ({train})", split="train")
     te = _load("parquet", str(test), f"test split ({test})", split="train")
-    return _from_hf(tr, te, cfg.image_column, cfg.label_column,
-                    f"train split ({train})", f"test split ({test})")
+    source = _from_hf(tr, te, cfg.image_column, cfg.label_column,
+                      f"train split ({train})", f"test split ({test})")
+    source.train.file, source.test.file = train, test
+    return source
 
 
 def _imagefolder(train: Path, test: Path, cfg: DataConfig) -> Source:

@@ -117,7 +117,7 @@ def personalize_run(run_dir: str | Path, data_dir: str | Path, *, epochs: int | 
     algorithm = get_algorithm(cfg)
     backbone = load_backbone(cfg.model)
     try:
-        data = load_federated_data(data_cfg, backbone.preprocess, cfg.seed)
+        data = load_federated_data(data_cfg, backbone.preprocess, cfg.seed, pretrained_on=backbone.pretrained_on)
     except DataError as err:
         raise DataError(f"the new client's data in {data_dir}: {err}") from None
     split = data.clients[0]

@@ -67,7 +67,8 @@ class Simulation:
         self.algorithm: Algorithm = get_algorithm(cfg)
         backbone = load_backbone(cfg.model)
         check_fits(backbone, cfg.model, cfg.adapter.rank)  # before the data, which can take long to read
-        self.data = data if data is not None else load_federated_data(cfg.data, backbone.preprocess, cfg.seed)
+        self.data = data if data is not None else load_federated_data(
+            cfg.data, backbone.preprocess, cfg.seed, pretrained_on=backbone.pretrained_on)
         self.bundle: ModelBundle = build_model(backbone, self.data.class_names, cfg, self.algorithm)
         self.bundle.model.to(device)
         # The clients that train; the last data.new_clients splits are held out until the run is over

@@ -4,7 +4,7 @@ A backbone gives (1) normalised image features from an image encoder whose linea
 layers can carry adapters, (2) normalised text features of prompts from a frozen text
 encoder, (3) the logit scale and (4) the model's own image preprocessing. Backends:
 Hugging Face `transformers` CLIP (hub id or local directory, including the project's
-built-in tiny CLIP) and `open_clip`.
+built-in dual encoder, a CLIP ViT beside a MiniLM text model) and `open_clip`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from fedlrm.config import ASSETS, BUILTIN_MODEL, ModelConfig
+from fedlrm.config import BUILTIN_MODEL, ModelConfig
+from fedlrm.data.pretraining import PretrainedOn
 from fedlrm.errors import ModelError
 
 
@@ -28,6 +29,9 @@ class Backbone(nn.Module):
     #: the module whose linear layers are searched for adapter targets
     image_encoder: nn.Module
     logit_scale: torch.Tensor
+    #: the images the backbone was pretrained on, where its folder records them (PRETRAIN.json):
+    #: federations drop them from their train splits (data.exclude_pretraining)
+    pretrained_on: PretrainedOn | None = None
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -340,11 +344,12 @@ def _context_in(embedding: nn.Embedding, ids: torch.Tensor, context: torch.Tenso
 
 
 def resolve_name(name: str) -> str:
+    """A model name as transformers loads it: the built-in model's joined folder (made on first
+    use, see fedlrm.models.builtin), else the name as given."""
     if name == BUILTIN_MODEL:
-        path = ASSETS / "tiny-clip"
-        if not (path / "config.json").is_file():
-            raise ModelError(f"the built-in model is missing from {path}; run `fedlrm pretrain` to create it")
-        return str(path)
+        from fedlrm.models.builtin import builtin_model_dir
+
+        return str(builtin_model_dir())
     return name
 
 
@@ -384,9 +389,11 @@ def _load_hf(name: str) -> HFClipBackbone:
             f"could not load the CLIP model {name!r} with transformers: {str(err).splitlines()[0]}. "
             "Give a local directory saved with save_pretrained, or a hub id on a machine with network access."
         ) from err
-    if model_class is VisionTextDualEncoderModel:
-        return HFDualEncoderBackbone(model, tokenizer, processor)
-    return HFClipBackbone(model, tokenizer, processor)
+    backbone = (HFDualEncoderBackbone if model_class is VisionTextDualEncoderModel else HFClipBackbone)(
+        model, tokenizer, processor)
+    if looks_local:  # a folder made by a recipe that records its pretraining images
+        backbone.pretrained_on = PretrainedOn.read(Path(where))
+    return backbone
 
 
 @contextmanager
@@ -522,7 +529,7 @@ class ClipClassifier(nn.Module):
 
 #: text features of different prompts closer than this are the same computation, not a model's
 #: judgement: a real text tower, even a tiny one, keeps distinct token sequences further apart
-#: (the built-in tiny CLIP puts "a photo of a class 0." and "... class 1." at 0.99996)
+#: (the tiny CLIP of earlier versions put "a photo of a class 0." and "... class 1." at 0.99996)
 SAME_FEATURE_COSINE = 1 - 1e-6
 
 

@@ -117,7 +117,7 @@ class NodeClient:
         model_key = json.dumps([str(self.meta["run-key"]), to_dict(cfg)], sort_keys=True, default=str)
         cached = _models.get(model_key)
         backbone = cached[0] if cached else load_backbone(cfg.model)
-        class_names, split = self.cached_data(backbone.preprocess)
+        class_names, split = self.cached_data(backbone)
         self.class_names = class_names
         if cached is None or cached[3] != class_names:  # clients with data of their own may name classes apart
             algorithm = get_algorithm(cfg)
@@ -129,18 +129,18 @@ class NodeClient:
         self.client = Client(bundle, algorithm, cfg, self.client_id, split, self.load_private())
 
     # ----- data
-    def cached_data(self, preprocess) -> tuple[list[str], ClientSplit]:
+    def cached_data(self, backbone) -> tuple[list[str], ClientSplit]:
         """`load_data`, kept in this process for later messages; the least recently used goes first."""
         key = json.dumps([str(self.meta["run-key"]), self.client_id, str(self.state_dir)])
         if key not in _data:
-            _data[key] = self.load_data(preprocess)
+            _data[key] = self.load_data(backbone)
             while len(_data) > 1 and sum(entry[2] for entry in _data.values()) > DATA_CACHE_BYTES:
                 _data.popitem(last=False)
         _data.move_to_end(key)
         names, split, _ = _data[key]
         return names, split
 
-    def load_data(self, preprocess) -> tuple[list[str], ClientSplit, int]:
+    def load_data(self, backbone) -> tuple[list[str], ClientSplit, int]:
         """The client's class names, its split and the bytes its tensors take."""
         cfg = self.cfg
         data_cfg = cfg.data
@@ -162,7 +162,8 @@ class NodeClient:
             tensors = load_file(cache)
             names = json.loads((cache.with_suffix(".json")).read_text())
         else:
-            data = load_federated_data(data_cfg, preprocess, cfg.seed)
+            data = load_federated_data(data_cfg, backbone.preprocess, cfg.seed,
+                                       pretrained_on=backbone.pretrained_on)
             split = data.clients[0 if "data-dir" in self.node_config else self.client_id]
             tensors = {}
             for part in ("train", "test"):

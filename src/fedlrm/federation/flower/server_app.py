@@ -341,7 +341,8 @@ def main(grid: Grid, context: Context) -> None:
     backbone = load_backbone(cfg.model)
     global_tests, class_names, domain_of = [], None, {}
     if rc.get("global-eval", True):
-        data = load_federated_data(cfg.data, backbone.preprocess, cfg.seed)
+        data = load_federated_data(cfg.data, backbone.preprocess, cfg.seed,
+                                   pretrained_on=backbone.pretrained_on)
         global_tests, class_names, domain_of = data.global_tests, data.class_names, data.domain_of()
     algorithm = get_algorithm(cfg)
     bundle = build_model(backbone, class_names or [f"class {i}" for i in range(2)], cfg, algorithm)

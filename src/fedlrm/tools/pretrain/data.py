@@ -1,25 +1,25 @@
-"""The recipe's data: the CIFAR-10 Parquet files, the shipped subset and the pretraining rows."""
+"""The recipe's data: the CIFAR-10 and Caltech101 Parquet files, the shipped subset, the held-out
+classes and the pretraining rows."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
+from fedlrm.data.pretraining import encode_rows, file_sha256
+from fedlrm.data.sources import readable
 from fedlrm.errors import DataError
 
-TRAIN_FILE = "cifar10-train.parquet"
-TEST_FILE = "cifar10-test.parquet"
-IMAGE_SIZE = 32
-# CIFAR-10 channel statistics (train split); what preprocessor_config.json normalises with.
-IMAGE_MEAN = [0.4914, 0.4822, 0.4465]
-IMAGE_STD = [0.2470, 0.2435, 0.2616]
+CIFAR_TRAIN, CIFAR_TEST = "cifar10-train.parquet", "cifar10-test.parquet"
+CALTECH_TRAIN, CALTECH_TEST = "caltech101-train.parquet", "caltech101-test.parquet"
+FILES = (CIFAR_TRAIN, CIFAR_TEST, CALTECH_TRAIN, CALTECH_TEST)
+#: the CoOp-style Caltech101 protocol's 100 object classes: these two folders are dropped
+CALTECH_DROPPED = ("BACKGROUND_Google", "Faces_easy")
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -29,25 +29,42 @@ def default_data_dir() -> Path:
 
 def resolve_data_dir(data: str | os.PathLike | None) -> Path:
     path = default_data_dir() if data is None else Path(data).expanduser().resolve()
-    missing = [f for f in (TRAIN_FILE, TEST_FILE) if not (path / f).is_file()]
+    missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         where = "the default ../shared/datasets (relative to the current directory)" if data is None else "--data"
         raise DataError(
             f"{', '.join(missing)} not found in {path} ({where}). Pass --data DIR pointing at the directory "
-            f"that holds {TRAIN_FILE} and {TEST_FILE} (Hugging Face image parquet: columns image, label)."
+            f"that holds {', '.join(FILES)} (Hugging Face image parquet: columns image, label)."
         )
     return path
 
 
-def _class_names(table) -> list[str]:
-    meta = (table.schema.metadata or {}).get(b"huggingface")
-    if meta is None:
-        raise DataError("parquet file has no `huggingface` schema metadata with the class names")
-    return list(json.loads(meta)["info"]["features"]["label"]["names"])
+@dataclass
+class Split:
+    """One Parquet split: its table, labels (int64), class names, path and sha256."""
+
+    table: object
+    labels: np.ndarray
+    names: list
+    path: Path
+    sha256: str
+
+    def decode(self, rows) -> list:
+        """The RGB PIL images of `rows`."""
+        from PIL import Image
+
+        column = self.table.column("image").combine_chunks().field("bytes")
+        out = []
+        for r in rows:
+            try:
+                with Image.open(io.BytesIO(column[int(r)].as_py())) as im:
+                    out.append(im.convert("RGB"))
+            except Exception as err:  # noqa: BLE001 - PIL raises many types for bad files
+                raise DataError(f"cannot decode row {r} of {self.path}: {type(err).__name__}: {err}") from None
+        return out
 
 
-def read_split(path: Path):
-    """The pyarrow table, the labels (numpy int64) and the class names of a split."""
+def read_split(path: Path) -> Split:
     import pyarrow.parquet as pq
 
     try:
@@ -56,36 +73,11 @@ def read_split(path: Path):
         raise DataError(f"cannot read {path}: {err}") from err
     if "image" not in table.column_names or "label" not in table.column_names:
         raise DataError(f"{path} needs columns `image` and `label`, has {table.column_names}")
-    labels = table.column("label").to_numpy().astype(np.int64)
-    return table, labels, _class_names(table)
-
-
-def decode_images(table, rows: Iterable[int]) -> np.ndarray:
-    """JPEG bytes of the given rows -> uint8 array (N, 32, 32, 3), RGB."""
-    from PIL import Image
-
-    column = table.column("image").combine_chunks().field("bytes")
-    rows = list(rows)
-    out = np.empty((len(rows), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for i, r in enumerate(rows):
-        with Image.open(io.BytesIO(column[int(r)].as_py())) as im:
-            im = im.convert("RGB")
-            if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise DataError(f"row {r} is {im.size[0]}x{im.size[1]}; the recipe expects 32x32 CIFAR-10 images")
-            out[i] = np.asarray(im)
-    return out
-
-
-def to_pixel_values(images: np.ndarray):
-    """uint8 (N, H, W, 3) -> normalised float32 (N, 3, H, W), bit for bit what the saved
-    CLIPImageProcessor computes for a 32x32 RGB image (rescale in float64, then float32)."""
-    import torch
-
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float64) * (1 / 255)
-    x = x.to(torch.float32)
-    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    meta = (table.schema.metadata or {}).get(b"huggingface")
+    if meta is None:
+        raise DataError(f"{path} has no `huggingface` schema metadata with the class names")
+    names = list(json.loads(meta)["info"]["features"]["label"]["names"])
+    return Split(table, table.column("label").to_numpy().astype(np.int64), names, path, file_sha256(path))
 
 
 def select_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int, stream: int,
@@ -101,50 +93,64 @@ def select_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: in
     return np.sort(np.concatenate(chosen))
 
 
-def select_pretrain(num_rows: int, excluded: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """Sorted row indices of `count` train rows outside `excluded` (a seeded choice)."""
-    pool = np.setdiff1d(np.arange(num_rows), excluded)
+def cifar_pretrain_rows(num_rows: int, subset: np.ndarray, count: int | None, seed: int) -> np.ndarray:
+    """Sorted train rows outside the subset: all of them, or a seeded `count` of them."""
+    pool = np.setdiff1d(np.arange(num_rows), subset)
+    if count is None:
+        return pool
     if count > len(pool):
-        raise DataError(f"--pretrain-images {count} is more than the {len(pool)} train images outside the subset")
+        raise DataError(f"--cifar-images {count} is more than the {len(pool)} train images outside the subset")
     return np.sort(np.random.default_rng([seed, 3]).permutation(pool)[:count])
 
 
-def encode_indices(indices: np.ndarray, num_rows: int) -> str:
-    """A set of row indices as base64 of a little-endian bitmap (row i -> bit i)."""
-    bits = np.zeros(num_rows, dtype=bool)
-    bits[indices] = True
-    return base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode()
+def caltech_classes(names: list[str]) -> list[int]:
+    """The label ids of Caltech101's 100 object classes (the two dropped folders left out)."""
+    missing = [n for n in CALTECH_DROPPED if n not in names]
+    if missing:
+        raise DataError(f"the Caltech101 file has no class {', '.join(missing)}; expected the 102 folders of "
+                        "101_ObjectCategories (see ../shared/datasets/README.md)")
+    return [i for i, n in enumerate(names) if n not in CALTECH_DROPPED]
 
 
-def decode_indices(bitmap: str, num_rows: int) -> np.ndarray:
-    """The inverse of `encode_indices`: sorted row indices."""
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(bitmap), dtype=np.uint8), bitorder="little")
-    return np.flatnonzero(bits[:num_rows])
+def held_out_classes(classes: list[int], count: int, seed: int) -> list[int]:
+    """`count` of the object classes, kept out of pretraining altogether (a seeded choice)."""
+    if count >= len(classes):
+        raise DataError(f"--heldout-classes {count} leaves no Caltech101 class to pretrain on ({len(classes)})")
+    return sorted(np.random.default_rng([seed, 5]).permutation(classes)[:count].tolist())
 
 
-def pretrain_indices(pretrain_json: dict) -> np.ndarray:
-    """The pretraining train-row indices recorded in a PRETRAIN.json dict."""
-    info = pretrain_json["pretrain_rows"]
-    return decode_indices(info["bitmap"], info["num_rows"])
+def caltech_pretrain_rows(labels: np.ndarray, classes: list[int], held_out: list[int], fraction: float,
+                          seed: int) -> np.ndarray:
+    """Sorted train rows: `fraction` of each pretrained class's rows, the first of a seeded
+    permutation (classes in label order); the rest of every class is left for federations."""
+    rng = np.random.default_rng([seed, 4])
+    chosen = []
+    for c in classes:
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        if c not in held_out:
+            chosen.append(rows[:int(len(rows) * fraction)])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def rows_record(split: Split, rows: np.ndarray, rule: str) -> dict:
+    """One `pretrain_rows` entry of PRETRAIN.json (fedlrm.data.pretraining reads it)."""
+    return {"source_file": split.path.name, "source_sha256": split.sha256, "num_rows": len(split.labels),
+            "count": len(rows), "rule": rule,
+            "encoding": "base64 of numpy.packbits(bitmap, bitorder='little'); "
+                        "fedlrm.data.pretraining.decode_rows(bitmap, num_rows) decodes it",
+            "bitmap": encode_rows(rows, len(split.labels))}
 
 
-def indices_digest(indices: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(indices, dtype="<i8").tobytes()).hexdigest()
+def prompt_names(names: list[str]) -> list[str]:
+    """Class names as fedlrm's prompts spell them (underscores as spaces)."""
+    return [readable(n) for n in names]
 
 
-def write_subset(table, rows: np.ndarray, path: Path) -> None:
+def write_subset(split: Split, rows: np.ndarray, path: Path) -> None:
     """The given rows, in the source's layout and schema metadata (HF ClassLabel names)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sub = table.take(pa.array(rows, type=pa.int64()))
-    sub = sub.replace_schema_metadata(table.schema.metadata)
+    sub = split.table.take(pa.array(rows, type=pa.int64()))
+    sub = sub.replace_schema_metadata(split.table.schema.metadata)
     pq.write_table(sub, path)

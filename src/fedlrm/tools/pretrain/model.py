@@ -1,123 +1,154 @@
-"""The recipe's model: a small transformers CLIPModel, its image processor, the
-prompt-classification pretraining loop and the check that the saved model reloads to the
-same predictions."""
+"""The recipe's model: a transformers VisionTextDualEncoderModel (CLIP's ViT beside the frozen
+all-MiniLM-L6-v2), its image processor and the prompt-classification pretraining loop."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import tempfile
-from pathlib import Path
 
-from fedlrm.tools.pretrain.data import IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD
-from fedlrm.tools.pretrain.tokenizer import EVAL_TEMPLATE, MAX_TEXT_LENGTH, TRAIN_TEMPLATES
-
-MODEL_SHAPE = dict(
-    vision_width=128, vision_layers=4, vision_heads=4, patch_size=4,
-    text_width=128, text_layers=3, text_heads=4, projection_dim=128,
-)
+#: OpenAI CLIP's channel statistics (the processor normalises with them)
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 WARMUP_FRACTION = 0.05
 WEIGHT_DECAY = 0.05
 MAX_LOGIT_SCALE = 100.0
+PAD = 8  # pixels of zero padding for the random-crop augmentation (at 64 px)
+TRAIN_TEMPLATES = [
+    "a photo of a {}.", "a blurry photo of a {}.", "a low resolution photo of the {}.",
+    "a cropped photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
+    "a bright photo of a {}.", "a pixelated photo of the {}.", "a good photo of the {}.", "itap of a {}.",
+]
+EVAL_TEMPLATE = "a photo of a {}."
 
 
-def build_image_processor():
+def build_image_processor(image_size: int):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         do_resize=True, do_center_crop=True, do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=IMAGE_MEAN, image_std=IMAGE_STD, do_convert_rgb=True,
     )
 
 
-def build_model(tokenizer, seed: int):
+def pixel_values(processor, images, chunk: int = 500):
+    """What the saved processor makes of PIL images at load time (float32, N x 3 x S x S)."""
     import torch
-    from transformers import CLIPConfig, CLIPModel
 
-    s = MODEL_SHAPE
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=s["text_width"], intermediate_size=4 * s["text_width"],
-            num_hidden_layers=s["text_layers"], num_attention_heads=s["text_heads"],
-            max_position_embeddings=MAX_TEXT_LENGTH, projection_dim=s["projection_dim"],
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=s["vision_width"], intermediate_size=4 * s["vision_width"],
-            num_hidden_layers=s["vision_layers"], num_attention_heads=s["vision_heads"],
-            image_size=IMAGE_SIZE, patch_size=s["patch_size"], projection_dim=s["projection_dim"],
-        ),
-        projection_dim=s["projection_dim"],
+    return torch.cat([processor(images=images[i:i + chunk], return_tensors="pt")["pixel_values"]
+                      for i in range(0, len(images), chunk)]).float()
+
+
+def build_model(text_dir, shape: dict, seed: int):
+    """A VisionTextDualEncoderModel: a random CLIP ViT (seeded), the pretrained text model,
+    random projections, `text_pooling: mean` (the sentence-transformers pooling of the text model)."""
+    import torch
+    from transformers import (
+        BertModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
     )
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=shape["vision_width"], intermediate_size=4 * shape["vision_width"],
+        num_hidden_layers=shape["vision_layers"], num_attention_heads=shape["vision_heads"],
+        image_size=shape["image_size"], patch_size=shape["patch_size"])
+    text_model = BertModel.from_pretrained(str(text_dir), add_pooling_layer=True)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(vision_config, text_model.config,
+                                                                  projection_dim=shape["projection_dim"])
+    config.text_pooling = "mean"
     torch.manual_seed(seed)
-    return CLIPModel(config)
+    vision_model = CLIPVisionModel(vision_config)
+    model = VisionTextDualEncoderModel(config, vision_model=vision_model, text_model=text_model)
+    model.config.text_pooling = "mean"
+    for p in model.text_model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
-def _pooled(out):
-    """`get_*_features` return a tensor (transformers 4) or an output with pooler_output (5)."""
-    return out if hasattr(out, "dim") else out.pooler_output
+def text_embeddings(model, tokenizer, templates: list[str], names: list[str]):
+    """The frozen text model's mean-pooled outputs, (templates, classes, width), exactly as
+    fedlrm's dual-encoder backbone pools a prompt before the projection."""
+    import torch
+
+    model.text_model.eval()
+    out = []
+    with torch.inference_mode():
+        for template in templates:
+            tokens = tokenizer([template.format(n) for n in names], padding=True, return_tensors="pt")
+            ids, mask = tokens["input_ids"], tokens["attention_mask"]
+            hidden = model.text_model(input_ids=ids, attention_mask=mask,
+                                      token_type_ids=torch.zeros_like(ids)).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            out.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
+    return torch.stack(out)
 
 
-def image_features(model, pixel_values):
+def image_features(model, pixels):
     import torch.nn.functional as F
 
-    return F.normalize(_pooled(model.get_image_features(pixel_values=pixel_values)), dim=-1)
+    pooled = model.vision_model(pixel_values=pixels).pooler_output
+    return F.normalize(model.visual_projection(pooled).float(), dim=-1)
 
 
-def text_features(model, tokens):
+def text_features(model, embedded):
     import torch.nn.functional as F
 
-    out = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    return F.normalize(_pooled(out), dim=-1)
+    return F.normalize(model.text_projection(embedded), dim=-1)
 
 
-def zero_shot_logits(model, tokenizer, pixel_values, class_names, template=EVAL_TEMPLATE, batch_size=500):
+def zero_shot_logits(model, pixels, embedded, batch_size: int = 500):
+    """Logits of `pixels` against the classes of `embedded` (classes x width), in fp32."""
     import torch
 
     model.eval()
     with torch.inference_mode():
-        tokens = tokenizer([template.format(n) for n in class_names], padding=True, return_tensors="pt")
-        text = text_features(model, tokens)
+        text = text_features(model, embedded)
         scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        chunks = [scale * image_features(model, pixel_values[i:i + batch_size]) @ text.T
-                  for i in range(0, len(pixel_values), batch_size)]
-    return torch.cat(chunks)
+        return torch.cat([scale * image_features(model, pixels[i:i + batch_size]) @ text.T
+                          for i in range(0, len(pixels), batch_size)])
 
 
-def augment(x, generator, pad: int = 4):
-    """Random crop of the zero-padded batch and random horizontal flip (per image)."""
+def augment(x, generator, pad: int = PAD):
+    """Random crop of the zero-padded batch (zero is the mean colour after normalisation) and a
+    random horizontal flip, per image."""
     import torch
     import torch.nn.functional as F
 
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.empty_like(x)
-    for i in range(n):
-        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = crop.flip(-1) if flip[i] else crop
-    return out
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
 
 def _param_groups(model):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(model, tokenizer, pixel_values, labels, class_names, args, progress: bool) -> list[dict]:
-    """The prompt-classification pretraining loop; returns per-epoch loss and accuracy."""
+def train(model, pixels, labels, domain, domain_of_class, embedded, args, progress: bool,
+          domain_names: list[str]) -> list[dict]:
+    """The prompt-classification loop. `labels` index the classes of all datasets together;
+    `domain` (per image) and `domain_of_class` (per class) keep each image's softmax over its
+    own dataset's classes. One template per step (`embedded[t]`). Returns per-epoch figures."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(args.seed)
-    labels = torch.as_tensor(labels)
+    labels, domain = torch.as_tensor(labels), torch.as_tensor(domain)
+    foreign = domain[:, None] != torch.as_tensor(domain_of_class)[None, :]  # (images, classes)
     n = len(labels)
     steps_per_epoch = math.ceil(n / args.batch_size)
     total = steps_per_epoch * args.epochs
@@ -130,21 +161,26 @@ def train(model, tokenizer, pixel_values, labels, class_names, args, progress: b
 
     optimizer = torch.optim.AdamW(_param_groups(model), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    prompts = [tokenizer([t.format(c) for c in class_names], padding=True, return_tensors="pt")
-               for t in TRAIN_TEMPLATES]
+    bf16 = args.precision == "bf16"
     history = []
     model.train()
+    model.text_model.eval()  # frozen: no dropout
     bar = tqdm(total=total, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     for epoch in range(args.epochs):
         order = torch.randperm(n, generator=generator)
-        loss_sum, correct = 0.0, 0
+        loss_sum = 0.0
+        correct = torch.zeros(len(domain_names))
+        seen = torch.zeros(len(domain_names))
         for start in range(0, n, args.batch_size):
             idx = order[start:start + args.batch_size]
-            x = augment(pixel_values[idx], generator)
+            x = augment(pixels[idx], generator)
             y = labels[idx]
-            tokens = prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
-            logits = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * (
-                image_features(model, x) @ text_features(model, tokens).T)
+            template = int(torch.randint(len(embedded), (1,), generator=generator))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                image = image_features(model, x)
+            text = text_features(model, embedded[template])
+            logits = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * (image @ text.T)
+            logits = logits.masked_fill(foreign[idx], float("-inf"))
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,15 +189,21 @@ def train(model, tokenizer, pixel_values, labels, class_names, args, progress: b
             with torch.no_grad():
                 model.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
             loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(-1) == y).sum())
+            hit = (logits.argmax(-1) == y).float()
+            correct.index_add_(0, domain[idx], hit)
+            seen.index_add_(0, domain[idx], torch.ones_like(hit))
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        history.append({"epoch": epoch + 1, "loss": round(loss_sum / n, 4), "train_accuracy": round(correct / n, 4)})
-        bar.write(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / n:.4f}, "
-                  f"train accuracy {correct / n:.4f}, logit scale {model.logit_scale.exp().item():.1f}")
+        accuracy = {d: round(float(correct[i] / seen[i].clamp_min(1)), 4) for i, d in enumerate(domain_names)}
+        history.append({"epoch": epoch + 1, "loss": round(loss_sum / n, 4), "train_accuracy": accuracy,
+                        "logit_scale": round(model.logit_scale.exp().item(), 2)})
+        bar.write(f"epoch {epoch + 1}/{args.epochs}: loss {loss_sum / n:.4f}, train accuracy "
+                  + ", ".join(f"{d} {a:.4f}" for d, a in accuracy.items())
+                  + f", logit scale {model.logit_scale.exp().item():.1f}")
     bar.close()
     model.eval()
     return history
+
 
 @contextlib.contextmanager
 def quiet_libraries():
@@ -182,41 +224,3 @@ def quiet_libraries():
             hf_logging.enable_progress_bar()
         if ds_bars:
             datasets.enable_progress_bar()
-
-
-def reload_check(model_dir: Path, subset_test: Path, recipe_logits, recipe_pixels, class_names) -> dict:
-    """Zero-shot accuracy on the written test subset through from_pretrained + datasets."""
-    import datasets
-    import torch
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-    with quiet_libraries(), tempfile.TemporaryDirectory() as cache:
-        model = CLIPModel.from_pretrained(str(model_dir)).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        processor = AutoImageProcessor.from_pretrained(str(model_dir))
-        ds = datasets.load_dataset("parquet", data_files={"test": str(subset_test)}, cache_dir=cache,
-                                   split="test")
-        names = ds.features["label"].names
-        images = list(ds["image"])  # PIL images, decoded by datasets' Image feature
-        labels = torch.tensor(list(ds["label"]))
-        del ds
-    if names != list(class_names):
-        raise RuntimeError(f"the written subset's ClassLabel names {names} differ from {class_names}")
-    pixels = torch.cat([processor(images=images[i:i + 500], return_tensors="pt")["pixel_values"]
-                        for i in range(0, len(images), 500)]).float()
-    logits = zero_shot_logits(model, tokenizer, pixels, names)
-    accuracy = (logits.argmax(-1) == labels).float().mean().item()
-    recipe_accuracy = (recipe_logits.argmax(-1) == labels).float().mean().item()
-    return {
-        "method": "CLIPModel/AutoTokenizer/AutoImageProcessor.from_pretrained on the saved directory, "
-                  "datasets.load_dataset('parquet') on the written test subset",
-        "image_processor_class": type(processor).__name__,
-        "tokenizer_class": type(tokenizer).__name__,
-        "accuracy_reloaded": round(accuracy, 4),
-        "accuracy_recipe": round(recipe_accuracy, 4),
-        "pixel_max_abs_diff": float((pixels - recipe_pixels).abs().max()),
-        "logit_max_abs_diff": float((logits - recipe_logits).abs().max()),
-        "same_predictions": int((logits.argmax(-1) == recipe_logits.argmax(-1)).sum()),
-        "num_images": len(labels),
-        "agree": accuracy == recipe_accuracy,
-    }

