@@ -120,7 +120,15 @@ def test_the_joined_folder_refuses_a_text_model_other_than_the_recorded_one(tiny
     (asset / "PRETRAIN.json").write_text(json.dumps(record))
     with pytest.raises(FedLRMError, match="not the text encoder"):
         builtin.builtin_model_dir(asset)
-    assert not any((cache / "builtin").glob("tiny-clip-*")) if (cache / "builtin").exists() else True
+    assert not list((cache / "builtin").glob("tiny-clip-*"))  # nothing joined
+
+
+def test_an_unwritable_cache_is_a_clear_error(tiny_run, tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("FEDLRM_CACHE", str(blocked))
+    with pytest.raises(FedLRMError, match="FEDLRM_CACHE"):
+        builtin.builtin_model_dir(tiny_run[0] / "tiny-clip")
 
 
 def test_pretraining_rows_hold_out_the_subset_the_held_out_classes_and_half_of_each_class(tiny_run, tiny_data):

@@ -84,8 +84,12 @@ def join_model(asset_dir: Path, text_dir: Path, target: Path) -> None:
         raise ModelError(f"the built-in model's weights do not fit its config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}; reinstall fedlrm")
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".joining-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".joining-", dir=target.parent))
+    except OSError as err:
+        raise ModelError(f"cannot write the built-in model's folder in {target.parent} ({err.strerror}); set "
+                         "FEDLRM_CACHE to a folder this user can write") from None
     try:
         with quiet_transformers():
             model.save_pretrained(staging)
