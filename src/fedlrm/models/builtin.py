@@ -70,8 +70,6 @@ def join_model(asset_dir: Path, text_dir: Path, target: Path) -> None:
     from safetensors.torch import load_file
     from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
-    from fedlrm.models.backbone import quiet_transformers
-
     config = VisionTextDualEncoderConfig.from_pretrained(asset_dir)
     model = VisionTextDualEncoderModel(config)
     state = {f"text_model.{k}": v for k, v in load_file(text_dir / "model.safetensors").items()}
@@ -91,8 +89,7 @@ def join_model(asset_dir: Path, text_dir: Path, target: Path) -> None:
         raise ModelError(f"cannot write the built-in model's folder in {target.parent} ({err.strerror}); set "
                          "FEDLRM_CACHE to a folder this user can write") from None
     try:
-        with quiet_transformers():
-            model.save_pretrained(staging)
+        model.save_pretrained(staging)
         for name in ASSET_FILES:
             if (asset_dir / name).is_file():
                 shutil.copyfile(asset_dir / name, staging / name)
