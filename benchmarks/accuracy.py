@@ -725,11 +725,14 @@ def setting_text(args: argparse.Namespace, settings: dict, meta: dict) -> list[s
 def backbone_text(settings: dict) -> str:
     """The backbone paragraph; for the built-in model, its recipe's own record (PRETRAIN.json)."""
     model = settings["model"]
-    if model != "builtin:tiny-clip":
+    from fedlrm.config import BUILTIN_MODEL
+
+    if model != BUILTIN_MODEL:
         return f"- **Backbone**: `{model}`, instead of OpenAI's CLIP ViT-B/16 at 224x224."
+    from fedlrm.data.pretraining import RECORD_FILE
     from fedlrm.models.builtin import ASSET_DIR
 
-    record = json.loads((ASSET_DIR / "PRETRAIN.json").read_text())
+    record = json.loads((ASSET_DIR / RECORD_FILE).read_text())
     m, zs = record["model"], record["zero_shot"]
     held = zs["caltech101_held_out_classes"]
     return (f"- **Backbone**: `{model}`, fedlrm's built-in dual encoder instead of OpenAI's CLIP ViT-B/16 at 224x224: "

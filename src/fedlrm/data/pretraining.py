@@ -51,7 +51,7 @@ def file_sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class PretrainedOn:
-    """The rows a backbone was pretrained on, per source file: {sha256: (file name, rows, row count)}."""
+    """The rows a backbone was pretrained on, per source file: {sha256: (file name, rows)}."""
 
     files: dict
 
@@ -60,7 +60,7 @@ class PretrainedOn:
         files = {}
         for entry in record.get("pretrain_rows", []):
             rows = decode_rows(entry["bitmap"], entry["num_rows"])
-            files[entry["source_sha256"]] = (entry["source_file"], rows, entry["num_rows"])
+            files[entry["source_sha256"]] = (entry["source_file"], rows)
         return cls(files)
 
     @classmethod
@@ -78,5 +78,5 @@ class PretrainedOn:
 
     def same_name(self, path: Path) -> str | None:
         """A recorded file name equal to `path`'s, where the content is not the recorded one."""
-        names = {name for name, _, _ in self.files.values()}
+        names = {name for name, _ in self.files.values()}
         return Path(path).name if Path(path).name in names else None

@@ -19,12 +19,11 @@ import tempfile
 from pathlib import Path
 
 from fedlrm.config import ASSETS
-from fedlrm.data.pretraining import file_sha256
+from fedlrm.data.pretraining import RECORD_FILE, file_sha256
 from fedlrm.errors import ModelError
 
 ASSET_DIR = ASSETS / "tiny-clip"
 TRAINED_FILE = "trained.safetensors"
-RECORD_FILE = "PRETRAIN.json"
 #: files copied from the asset into the joined folder as they are
 ASSET_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.txt", RECORD_FILE)

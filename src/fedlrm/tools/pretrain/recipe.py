@@ -155,8 +155,8 @@ def _run(args: argparse.Namespace) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from fedlrm.data.pretraining import file_sha256
-    from fedlrm.models.builtin import RECORD_FILE, TRAINED_FILE, text_model_dir
+    from fedlrm.data.pretraining import RECORD_FILE, file_sha256
+    from fedlrm.models.builtin import TRAINED_FILE, text_model_dir
 
     started = time.perf_counter()
     _check_args(args)
