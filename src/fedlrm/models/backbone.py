@@ -224,6 +224,18 @@ class HFClipBackbone(Backbone):
                 f"\"text_config\" of the checkpoint's config.json (or use the tokenizer saved with the model)")
 
 
+def pooled_text(text_model, ids: torch.Tensor, mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """A BERT-style text model's output for the prompts `ids` before any projection: its pooler
+    output (`pooling="pooler"`) or the attention-masked mean of its last hidden states ("mean", as
+    sentence-transformers pools). The dual-encoder backbone and the built-in model's recipe both
+    pool through here, so the recipe trains on exactly the text features the backbone computes."""
+    out = text_model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    if pooling == "pooler":
+        return out.pooler_output
+    weights = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+    return (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
 class HFDualEncoderBackbone(HFClipBackbone):
     """`transformers.VisionTextDualEncoderModel` with CLIP's ViT as its image tower and a BERT-style
     text encoder (e.g. the sentence-transformers MiniLM the built-in model uses). The image side is
@@ -252,11 +264,7 @@ class HFDualEncoderBackbone(HFClipBackbone):
         return self._text[0].embeddings.word_embeddings
 
     def _pooled(self, ids, mask):
-        out = self._text[0](input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
-        if self.text_pooling == "pooler":
-            return out.pooler_output
-        weights = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-        return (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return pooled_text(self._text[0], ids, mask, self.text_pooling)
 
     def text_target_modules(self, names):
         return [self.TEXT_MODULES.get(n, n) for n in names]

@@ -69,20 +69,18 @@ def build_model(text_dir, shape: dict, seed: int):
 
 
 def text_embeddings(model, tokenizer, templates: list[str], names: list[str]):
-    """The frozen text model's mean-pooled outputs, (templates, classes, width), exactly as
-    fedlrm's dual-encoder backbone pools a prompt before the projection."""
+    """The frozen text model's mean-pooled outputs, (templates, classes, width), through the
+    dual-encoder backbone's own pooling."""
     import torch
+
+    from fedlrm.models.backbone import pooled_text
 
     model.text_model.eval()
     out = []
     with torch.inference_mode():
         for template in templates:
             tokens = tokenizer([template.format(n) for n in names], padding=True, return_tensors="pt")
-            ids, mask = tokens["input_ids"], tokens["attention_mask"]
-            hidden = model.text_model(input_ids=ids, attention_mask=mask,
-                                      token_type_ids=torch.zeros_like(ids)).last_hidden_state
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            out.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
+            out.append(pooled_text(model.text_model, tokens["input_ids"], tokens["attention_mask"], "mean"))
     return torch.stack(out)
 
 
@@ -138,10 +136,12 @@ def _param_groups(model):
 
 
 def train(model, pixels, labels, domain, domain_of_class, embedded, args, progress: bool,
-          domain_names: list[str]) -> list[dict]:
+          domain_names: list[str], rows=None) -> list[dict]:
     """The prompt-classification loop. `labels` index the classes of all datasets together;
     `domain` (per image) and `domain_of_class` (per class) keep each image's softmax over its
-    own dataset's classes. One template per step (`embedded[t]`). Returns per-epoch figures."""
+    own dataset's classes. One template per step (`embedded[t]`). An epoch shows the images
+    `rows` (indices into `pixels`, repeats allowed; default: each image once), in a fresh random
+    order. Returns per-epoch figures."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -149,7 +149,8 @@ def train(model, pixels, labels, domain, domain_of_class, embedded, args, progre
     generator = torch.Generator().manual_seed(args.seed)
     labels, domain = torch.as_tensor(labels), torch.as_tensor(domain)
     foreign = domain[:, None] != torch.as_tensor(domain_of_class)[None, :]  # (images, classes)
-    n = len(labels)
+    rows = torch.arange(len(labels)) if rows is None else torch.as_tensor(rows)
+    n = len(rows)
     steps_per_epoch = math.ceil(n / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = max(1, int(WARMUP_FRACTION * total))
@@ -167,7 +168,7 @@ def train(model, pixels, labels, domain, domain_of_class, embedded, args, progre
     model.text_model.eval()  # frozen: no dropout
     bar = tqdm(total=total, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     for epoch in range(args.epochs):
-        order = torch.randperm(n, generator=generator)
+        order = rows[torch.randperm(n, generator=generator)]
         loss_sum = 0.0
         correct = torch.zeros(len(domain_names))
         seen = torch.zeros(len(domain_names))

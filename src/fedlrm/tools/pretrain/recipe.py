@@ -210,22 +210,22 @@ def _run(args: argparse.Namespace) -> dict:
     cal_y = np.array([k + cal_index[c] for c in cal_train.labels[cal_rows]], dtype=np.int64)
     train_y = np.concatenate([cifar_train.labels[cifar_rows], cal_y])
     train_domain = np.concatenate([np.zeros(len(cifar_rows), np.int64), np.ones(len(cal_rows), np.int64)])
-    if args.caltech_repeats > 1:  # the few Caltech101 images, shown more than once per epoch
-        extra = np.tile(np.arange(len(cifar_rows), len(train_y)), args.caltech_repeats - 1)
-        keep = np.concatenate([np.arange(len(train_y)), extra])
-        train_x, train_y, train_domain = train_x[torch.as_tensor(keep)], train_y[keep], train_domain[keep]
+    # the few Caltech101 images, shown caltech_repeats times per epoch: repeated indices, not a
+    # repeated copy of the preprocessed images (that copy briefly doubled the recipe's memory)
+    extra = np.tile(np.arange(len(cifar_rows), len(train_y)), max(0, args.caltech_repeats - 1))
+    epoch_rows = np.concatenate([np.arange(len(train_y)), extra])
     cal_test_rows = np.flatnonzero(np.isin(cal_test.labels, objects))
     test_x = {"cifar10": pixel_values(processor, cifar_test.decode(range(len(cifar_test.labels)))),
               "caltech101": pixel_values(processor, cal_test.decode(cal_test_rows))}
     test_y = {"cifar10": torch.as_tensor(cifar_test.labels),
               "caltech101": torch.as_tensor([cal_index[c] for c in cal_test.labels[cal_test_rows]])}
     decode_seconds = time.perf_counter() - t0
-    log(f"preprocessed {len(train_y)} training and {sum(len(v) for v in test_y.values())} test images "
-        f"({args.image_size} px) in {decode_seconds:.0f} s")
+    log(f"preprocessed {len(train_y)} training images ({len(epoch_rows)} shown per epoch) and "
+        f"{sum(len(v) for v in test_y.values())} test images ({args.image_size} px) in {decode_seconds:.0f} s")
     t0 = time.perf_counter()
     domain_of_class = np.array([0] * k + [1] * len(objects))
     history = train(model, train_x, train_y, train_domain, domain_of_class, embedded, args, progress,
-                    ["cifar10", "caltech101"])
+                    ["cifar10", "caltech101"], rows=epoch_rows)
     train_seconds = time.perf_counter() - t0
     del train_x
 
