@@ -254,12 +254,15 @@ def plan(args: argparse.Namespace) -> list[Group]:
     return groups
 
 
-def pending(groups: list[Group], done: set[tuple]) -> list[Group]:
-    """The runs not yet in runs.csv, longest group first so that the workers end together.
+def pending(groups: list[Group], done: set[tuple], workers: int = 1) -> list[Group]:
+    """The runs not yet in runs.csv as job groups, longest first so that the workers end together.
 
-    A run estimated above SLOW_SECONDS (e.g. F3OCUS on Caltech101 at 16 shots, whose layer-wise
-    NTK is a jacobian every client computes every round) goes to a job group of its own at the end, so that a grid stopped before them has
-    every other cell complete; each such group loads its data once more (a few seconds)."""
+    A group (one dataset, shots and seed) loads its data once for all its runs; one estimated at more
+    than a share of the work (the total over 2 x workers) is cut into parts of at most about that share, so
+    that a cell with few groups (3 seeds on 2 workers) does not leave a worker idle for the last
+    group (each extra part loads its data once more: seconds). A run estimated above SLOW_SECONDS
+    goes to a job group of its own at the end, so that a grid stopped before them has every other
+    cell complete."""
     main, tail = [], []
     for g in groups:
         runs = [r for r in g.runs if g.key(r) not in done]
@@ -267,17 +270,44 @@ def pending(groups: list[Group], done: set[tuple]) -> list[Group]:
         if fast:
             main.append(replace(g, runs=fast))
         tail += [replace(g, runs=[r]) for r in runs if estimate(g, r) > SLOW_SECONDS]
-    cost = lambda g: -sum(estimate(g, r) for r in g.runs)
-    return sorted(main, key=cost) + sorted(tail, key=cost)
+    share = sum(group_cost(g) for g in main) / (2 * max(1, workers))
+    main = [part for g in main for part in split_group(g, share)]
+    return sorted(main, key=lambda g: -group_cost(g)) + sorted(tail, key=lambda g: -group_cost(g))
+
+
+def group_cost(group: Group) -> float:
+    return sum(estimate(group, r) for r in group.runs)
+
+
+def split_group(group: Group, share: float) -> list[Group]:
+    """`group` cut into parts of about `share` estimated seconds (greedy, longest run first, each to
+    the cheapest part); the runs keep their order within a part."""
+    parts = max(1, min(len(group.runs), math.ceil(group_cost(group) / share) if share > 0 else 1))
+    if parts == 1:
+        return [group]
+    load, members = [0.0] * parts, [[] for _ in range(parts)]
+    for i in sorted(range(len(group.runs)), key=lambda i: -estimate(group, group.runs[i])):
+        cheapest = load.index(min(load))
+        members[cheapest].append(i)
+        load[cheapest] += estimate(group, group.runs[i])
+    return [replace(group, runs=[group.runs[i] for i in sorted(m)]) for m in members if m]
 
 
 # Rough seconds of one run on this project's 2-core CPU box with one torch thread per worker,
-# fitted to single runs of each method (tiny CLIP, 5 rounds x 2 epochs): a fixed part (model,
-# evaluation, saving), a part per client and round (messages, optimizer) and a part per training
-# image pass. Only for ordering the jobs and a first ETA; the ETA is rescaled by measured times.
+# fitted to single runs of each method (built-in backbone of issue 18, 10 rounds x 2 epochs): a
+# fixed part (model, evaluation, saving), a part per client and round (messages, optimizer), a part
+# per training image pass and, for the prompt learners, a part per local step that encodes every
+# class's prompt with the text model. Only for ordering the jobs and a first ETA; the ETA is
+# rescaled by measured times.
 CLASSES_PER_CLIENT = {"cifar10": 2, "caltech101": 11.5}  # classes per client of the shard split
+CLASSES = {"cifar10": 10, "caltech101": 100}
+BATCH = 32
 METHOD_FACTOR = {"zeroshot": 0.0, "local": 1.0, "fedavg": 1.0, "fedprox": 1.3, "apfl": 2.3, "fedlrm": 1.3,
-                 "fedlease": 1.9, "fedpia": 1.4, "f3ocus": 0.8}
+                 "fedlease": 1.9, "fedpia": 1.4, "f3ocus": 0.8, "promptfl": 0.5, "fedotp": 0.5, "pfedmoap": 0.5}
+# the text side per local step: fixed + per class, for one prompt per class (promptfl: ~0.08 s with
+# 10 classes, ~0.41 s with 100), and how many such encodings a method's step costs
+TEXT_STEP_SECONDS = (0.043, 0.0037)
+TEXT_PROMPTS = {"promptfl": 1.0, "fedotp": 2.6, "pfedmoap": 5.0}
 # per client and round; Caltech101 measured on the built-in backbone of issue 18 (a 1-round run:
 # 79 s, of which ~60 s the ten clients' NTKs), CIFAR-10 from its 10-round runs (~100 s against ~45 s)
 F3OCUS_NTK_SECONDS = {"cifar10": 0.6, "caltech101": 6.0}
@@ -288,8 +318,13 @@ def estimate(group: Group, run: Run) -> float:
     s = group.settings
     factor = METHOD_FACTOR.get(run.method, 1.0)
     client_rounds = 10 * s["rounds"] if factor else 0
-    passes = client_rounds * s["local_epochs"] * group.shots * CLASSES_PER_CLIENT[group.dataset]
+    images = group.shots * CLASSES_PER_CLIENT[group.dataset]
+    passes = client_rounds * s["local_epochs"] * images
     seconds = 8.0 + 0.35 * client_rounds + 0.003 * passes * factor
+    if run.method in TEXT_PROMPTS:
+        steps = client_rounds * s["local_epochs"] * math.ceil(images / BATCH)
+        fixed, per_class = TEXT_STEP_SECONDS
+        seconds += steps * (fixed + per_class * CLASSES[group.dataset]) * TEXT_PROMPTS[run.method]
     if run.method == "f3ocus":
         seconds += client_rounds * F3OCUS_NTK_SECONDS[group.dataset]
     return seconds * (0.5 if run.precision == "bf16" else 1.0)  # this CPU has AMX bf16 units
@@ -926,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.datasets_dir / f).is_file():
                 raise SystemExit(f"{args.datasets_dir / f} does not exist; give the directory with --datasets-dir")
     groups = plan(args)
-    todo = pending(groups, done_keys(args.out))
+    todo = pending(groups, done_keys(args.out), args.workers)
     n_todo, n_all = sum(len(g.runs) for g in todo), sum(len(g.runs) for g in groups)
     first_eta = sum(estimate(g, r) for g in todo for r in g.runs) / args.workers
     log.info("%d of %d runs to do in %d job groups on %d workers%s", n_todo, n_all, len(todo), args.workers,
