@@ -107,10 +107,19 @@ class Backbone(nn.Module):
         backward pass; None if unknown."""
         return None
 
+    def text_modules(self) -> list[nn.Module]:
+        """The text encoder's modules where they live outside this module tree (kept out so that they
+        are neither adapted nor saved with client state); `freeze` must reach them all the same."""
+        return []
+
     def freeze(self) -> "Backbone":
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
+        """Every weight frozen and in evaluation mode, the text encoder's too: a text tower that kept
+        requires_grad would have a prompt learner's backward compute a gradient for each of its
+        weights at every step, though nothing updates them."""
+        for module in (self, *self.text_modules()):
+            module.requires_grad_(False)
+            module.eval()
+        return self
 
 
 class HFClipBackbone(Backbone):
@@ -202,6 +211,9 @@ class HFClipBackbone(Backbone):
         return self._text[0](input_ids=ids, attention_mask=mask).pooler_output
 
     def text_tower(self):
+        return list(self._text)
+
+    def text_modules(self):
         return list(self._text)
 
     def text_width(self):
@@ -302,6 +314,9 @@ class OpenClipBackbone(Backbone):
         ids = self._tokenizer(prompts).to(self.logit_scale.device)
         with _context_in(self._text.token_embedding, ids, context, None):
             return F.normalize(self._text.encode_text(ids), dim=-1)
+
+    def text_modules(self):
+        return [self._text]  # the whole open_clip model; its image tower is image_encoder, frozen already
 
     def text_tower(self):
         raise ModelError("LoRA on the text encoder (model.adapt_encoders with text) needs model.backend=hf: "
@@ -454,12 +469,26 @@ class ClipClassifier(nn.Module):
         # in every forward pass from the current weights instead of read from the buffer above.
         self.text_encoder: nn.ModuleList | None = None
         self.prompt_context = None
+        self._text_cache: dict[str | None, tuple] = {}  # role -> (what the features depend on, features)
 
     def live_text(self, tower: bool, context: nn.Module | None) -> None:
         """Compute class text features in every forward pass: with the text tower in this module (so
         adapters on it train and move with the model) and/or a prompt context; neither: cached."""
         self.text_encoder = nn.ModuleList(self.backbone.text_tower()) if tower or context is not None else None
         self.prompt_context = context
+        self._text_cache = {}
+
+    def train(self, mode: bool = True) -> "ClipClassifier":
+        """As `nn.Module.train`, except that a tower with nothing to train stays in evaluation mode.
+        A frozen text encoder's dropout (all-MiniLM-L6-v2 has 0.1) would make a prompt learner's class
+        features random at every step, which CoOp's frozen CLIP (no dropout) never makes them, and the
+        built-in recipe fit its projection to the dropout-free output."""
+        super().train(mode)
+        if mode:
+            for tower in (self.backbone.image_encoder, *(self.text_encoder or ())):
+                if not any(p.requires_grad for p in tower.parameters()):
+                    tower.eval()
+        return self
 
     @property
     def text_trains(self) -> bool:
@@ -470,19 +499,54 @@ class ClipClassifier(nn.Module):
         if not self.text_trains:
             return self.text_features if self._classes is None else self.text_features[self._classes]
         context = self.prompt_context
-        prompts = [context.template(n) if context is not None else self.prompt.format(n) for n in self._names()]
-        return self.backbone.encode_text(prompts, None if context is None else context.vectors())
+        if context is None:
+            return self._encoded([None])[0]
+        return self._encoded([context.only or context.active])[0]
 
     def role_text_features(self) -> torch.Tensor:
         """The class text features under each role of the prompt context in use, (roles, classes, d),
-        from one pass of the text encoder over every (role, class) prompt."""
-        context = self.prompt_context
-        roles = context.roles_in_use()
-        prompts = [context.template(n) for n in self._names()]
-        vectors = torch.stack([context.vectors(role) for role in roles])  # (roles, n_ctx, width)
-        per_prompt = vectors.repeat_interleave(len(prompts), dim=0)
-        features = self.backbone.encode_text(prompts * len(roles), per_prompt)
-        return features.view(len(roles), len(prompts), -1)
+        from one pass of the text encoder over every (role, class) prompt that is not cached."""
+        return self._encoded(list(self.prompt_context.roles_in_use()))
+
+    def _encoded(self, roles: list[str | None]) -> torch.Tensor:
+        """(roles, classes, d): each role's class features (None: the plain prompt, no context), the
+        ones whose inputs have not changed since they were last computed read from the cache (e.g.
+        pFedMoAP's received experts, fixed for a round: 3 of its 4 roles; every role in evaluation)."""
+        names = self._names()
+        keys = {role: self._text_key(role, names) for role in roles}
+        missing = [r for r in roles if keys[r] is None or self._text_cache.get(r, (None,))[0] != keys[r][0]]
+        fresh: dict[str | None, torch.Tensor] = {}
+        if missing:
+            context = self.prompt_context
+            template = context.template if context is not None else self.prompt.format
+            prompts = [template(n) for n in names]
+            if context is None:
+                computed = self.backbone.encode_text(prompts).unsqueeze(0)
+            else:
+                vectors = torch.stack([context.vectors(r) for r in missing])  # (roles, n_ctx, width)
+                computed = self.backbone.encode_text(prompts * len(missing), vectors.repeat_interleave(
+                    len(prompts), dim=0)).view(len(missing), len(prompts), -1)
+            for role, features in zip(missing, computed):
+                fresh[role] = features
+                if keys[role] is not None:
+                    self._text_cache[role] = (*keys[role], features.detach())
+        return torch.stack([fresh[r] if r in fresh else self._text_cache[r][2] for r in roles])
+
+    def _text_key(self, role: str | None, names: list[str]) -> tuple[tuple, list[torch.Tensor]] | None:
+        """What a role's class features depend on (and the tensors it names), or None where they must
+        be computed afresh: a gradient is wanted through them, or the text tower is in training mode
+        (dropout). The version counters change with every in-place write (an optimiser step,
+        `set_state`); the cache holds the tensors themselves, so that no other tensor takes their ids."""
+        vectors = None if role is None else self.prompt_context.vectors(role)
+        tower = [p for module in self.text_encoder for p in module.parameters()]
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in
+                                                      (tower if vectors is None else [vectors, *tower]))
+        if wants_grad or any(module.training for module in self.text_encoder):
+            return None
+        watched = tower if vectors is None else [vectors, *tower]
+        key = (tuple(names), torch.is_autocast_enabled(self.text_features.device.type),
+               tuple(id(t) for t in watched), tuple(t._version for t in watched))
+        return key, watched
 
     def _names(self) -> list[str]:
         return self.class_names if self._classes is None else [self.class_names[i] for i in self._classes.tolist()]
