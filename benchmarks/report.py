@@ -36,9 +36,9 @@ its report:
 Every figure below was produced by those scripts on a 2-core CPU without a GPU; the
 sections say what was reduced against the paper and which targets were missed. Every section
 after the accuracy section and its reading (cost, attacks, scale, Flower, the field, the
-three-seed comparison) was measured on the tiny CLIP that was the built-in backbone before issue 18 (32 px, its own
-3-block text tower) and not again since: their accuracies are older, and their step times
-would grow with the larger image tower.
+three-seed comparison) was measured on the tiny CLIP that was the built-in backbone before
+issue 18 (32 px, its own 3-block text tower) and not again since: their accuracies are older,
+and their step times would grow with the larger image tower.
 
 Why the frozen-prefix target (at least 2x faster local training) is missed: the cache
 removes the forward passes of the frozen blocks, but the blocks that train still run

@@ -469,7 +469,7 @@ class ClipClassifier(nn.Module):
         # in every forward pass from the current weights instead of read from the buffer above.
         self.text_encoder: nn.ModuleList | None = None
         self.prompt_context = None
-        self._text_cache: dict[str | None, tuple] = {}  # role -> (what the features depend on, features)
+        self._text_cache: dict[str | None, tuple] = {}  # role -> (key, the tensors it names, features)
 
     def live_text(self, tower: bool, context: nn.Module | None) -> None:
         """Compute class text features in every forward pass: with the text tower in this module (so
@@ -513,7 +513,9 @@ class ClipClassifier(nn.Module):
         ones whose inputs have not changed since they were last computed read from the cache (e.g.
         pFedMoAP's received experts, fixed for a round: 3 of its 4 roles; every role in evaluation)."""
         names = self._names()
-        keys = {role: self._text_key(role, names) for role in roles}
+        tower = [p for module in self.text_encoder for p in module.parameters()]
+        dropout = any(module.training for module in self.text_encoder)
+        keys = {role: None if dropout else self._text_key(role, names, tower) for role in roles}
         missing = [r for r in roles if keys[r] is None or self._text_cache.get(r, (None,))[0] != keys[r][0]]
         fresh: dict[str | None, torch.Tensor] = {}
         if missing:
@@ -532,18 +534,15 @@ class ClipClassifier(nn.Module):
                     self._text_cache[role] = (*keys[role], features.detach())
         return torch.stack([fresh[r] if r in fresh else self._text_cache[r][2] for r in roles])
 
-    def _text_key(self, role: str | None, names: list[str]) -> tuple[tuple, list[torch.Tensor]] | None:
-        """What a role's class features depend on (and the tensors it names), or None where they must
-        be computed afresh: a gradient is wanted through them, or the text tower is in training mode
-        (dropout). The version counters change with every in-place write (an optimiser step,
-        `set_state`); the cache holds the tensors themselves, so that no other tensor takes their ids."""
-        vectors = None if role is None else self.prompt_context.vectors(role)
-        tower = [p for module in self.text_encoder for p in module.parameters()]
-        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in
-                                                      (tower if vectors is None else [vectors, *tower]))
-        if wants_grad or any(module.training for module in self.text_encoder):
+    def _text_key(self, role: str | None, names: list[str],
+                  tower: list[torch.Tensor]) -> tuple[tuple, list[torch.Tensor]] | None:
+        """What a role's class features depend on (and the tensors it names), or None where a gradient
+        is wanted through them and they must be computed afresh. The version counters change with
+        every in-place write (an optimiser step, `set_state`); the cache holds the tensors themselves,
+        so that no other tensor takes their ids."""
+        watched = tower if role is None else [self.prompt_context.vectors(role), *tower]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in watched):
             return None
-        watched = tower if vectors is None else [vectors, *tower]
         key = (tuple(names), torch.is_autocast_enabled(self.text_features.device.type),
                tuple(id(t) for t in watched), tuple(t._version for t in watched))
         return key, watched
